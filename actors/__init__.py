@@ -1,0 +1,1 @@
+"""The Pykka actors: runtime (pooled actors, timers), supervision, routers, push, batch."""

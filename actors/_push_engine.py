@@ -1,0 +1,402 @@
+"""The async delivery engine behind one PushActor.
+
+One thread per engine runs an asyncio event loop that owns the shard's provider
+clients (aioapns, firebase-admin, the bouncer client). Work arrives from the
+PushActor's thread through `submit()`; each piece takes the lock of its user first,
+so one user's pushes and removes run in arrival order, while different users' sends
+overlap up to `PUSH_INFLIGHT_CAP` per provider. Database calls run on a small
+executor so the loop never blocks on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pykka
+
+from actors import _push_store as store
+from delivery.outcomes import (
+    DELIVERED,
+    Outcome,
+    PermanentDeliveryError,
+    SendResult,
+    TransientDeliveryError,
+)
+from events import MessageDeletedEvent, MessageEvent, ReadEvent
+from intake import dead_letters
+from metrics import PUSH_LATENCY, PUSHES
+from rendering.push import (
+    Recipient,
+    apns_payload,
+    apns_remove_payload,
+    fcm_data,
+    fcm_remove_data,
+)
+from settings import Settings
+
+logger = logging.getLogger("herald.push")
+
+T = TypeVar("T")
+
+# APNs notifications expire after a day, as Zulip's do.
+APNS_EXPIRY_SECONDS = 86_400
+# APNs priorities: 10 delivers at once; 5 lets the device batch (fine for removes).
+APNS_PRIORITY_MESSAGE = 10
+APNS_PRIORITY_REMOVE = 5
+# Threads the engine uses for database calls.
+DB_THREADS = 4
+# Seconds to wait for the event loop to start or finish.
+LOOP_WAIT_SECONDS = 10.0
+
+
+@dataclass
+class PushWork:
+    """One event or command for the engine, and where to report its outcome."""
+
+    event: MessageEvent | ReadEvent | MessageDeletedEvent | None
+    command: dict[str, Any] | None
+    reply: pykka.Future[Any]
+    lock_key: Any = field(default=None)
+
+
+class PushEngine:
+    """The asyncio side of a PushActor.
+
+    Parameters:
+      settings: provider credentials, in-flight cap, timeouts, redaction.
+      shard: the shard this engine serves (users with `user_id % PUSH_SHARDS == shard`).
+      providers: optional factory returning (apns, fcm, bouncer) clients, created on
+        the engine's loop; defaults to building them from `settings`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        shard: int,
+        providers: Callable[[Settings], tuple[Any, Any, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.shard = shard
+        self._providers_factory = providers or build_providers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
+        self._locks: dict[Any, list[Any]] = {}
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self.apns: Any = None
+        self.fcm: Any = None
+        self.bouncer: Any = None
+        self._apns_cap: asyncio.Semaphore | None = None
+        self._fcm_cap: asyncio.Semaphore | None = None
+
+    # Lifecycle (called from the PushActor's thread) --------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_loop, name=f"herald-push{self.shard}-loop", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(LOOP_WAIT_SECONDS):
+            raise RuntimeError("push engine did not start")
+
+    def stop(self) -> None:
+        """Finish in-flight work (bounded), close the providers, end the loop."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+        done = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        with contextlib.suppress(Exception):
+            done.result(self.settings.PUSH_TIMEOUT_SECONDS + LOOP_WAIT_SECONDS)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(LOOP_WAIT_SECONDS)
+        self._db.shutdown(wait=False)
+
+    def submit(self, work: PushWork) -> None:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._process(work), self._loop)
+        self._inflight.add(future)  # type: ignore[arg-type]
+        future.add_done_callback(self._inflight.discard)  # type: ignore[arg-type]
+
+    # The loop's thread -------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        cap = self.settings.PUSH_INFLIGHT_CAP
+        self._apns_cap = asyncio.Semaphore(cap)
+        self._fcm_cap = asyncio.Semaphore(cap)
+        try:
+            self.apns, self.fcm, self.bouncer = self._providers_factory(self.settings)
+        except Exception:
+            logger.exception("push shard %d: could not set up providers", self.shard)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _shutdown(self) -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.PUSH_TIMEOUT_SECONDS)
+        for client in (self.apns, self.fcm, self.bouncer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    async def _run_db(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db, lambda: store.in_connection(fn, *args))
+
+    async def _process(self, work: PushWork) -> None:
+        key = _lock_key(work)
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                await self._handle(work)
+            work.reply.set(None)
+        except BaseException:
+            work.reply.set_exception(sys.exc_info())  # type: ignore[arg-type]
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(key, None)
+
+    async def _handle(self, work: PushWork) -> None:
+        if work.command is not None:
+            await self._bouncer_command(work.command)
+        elif isinstance(work.event, MessageEvent):
+            await self._push_message(work.event)
+        elif isinstance(work.event, ReadEvent):
+            await self._remove(work.event.user_id, work.event.message_ids, mark_read=True)
+        elif isinstance(work.event, MessageDeletedEvent):
+            users = await self._run_db(
+                store.delete_messages, work.event.message_ids, self.shard,
+                self.settings.PUSH_SHARDS,
+            )
+            for user_id in users:
+                await self._remove(user_id, work.event.message_ids, mark_read=False)
+
+    # Messages ------------------------------------------------------------------------
+
+    async def _push_message(self, event: MessageEvent) -> None:
+        plan = await self._run_db(store.plan_push, event)
+        if plan is None:
+            return
+        recipient: Recipient = plan.recipient
+        redact = self.settings.PUSH_REDACT_CONTENT
+        if self.bouncer is not None:
+            await self._via_bouncer(
+                plan,
+                apns_payload(recipient, event, redact=redact),
+                fcm_data(recipient, event, redact=redact),
+                priority="high",
+                receipt_event=store.EVENT_MESSAGE,
+                message_id=event.message.id,
+            )
+            return
+        sends = []
+        for device in plan.devices:
+            if device.kind == "apns":
+                payload = apns_payload(recipient, event, redact=redact)
+                sends.append(self._send_apns(device, payload, APNS_PRIORITY_MESSAGE))
+            else:
+                sends.append(self._send_fcm(device, fcm_data(recipient, event, redact=redact),
+                                            "high"))
+        results = await asyncio.gather(*sends)
+        await self._settle(plan.user_id, event.message.id, store.EVENT_MESSAGE,
+                           list(zip(plan.devices, results, strict=True)))
+
+    async def _remove(self, user_id: int, message_ids: list[int], *, mark_read: bool) -> None:
+        plan = await self._run_db(store.plan_remove, user_id, message_ids, mark_read)
+        if plan is None:
+            return
+        recipient, ids = plan.recipient, plan.message_ids
+        if self.bouncer is not None:
+            await self._via_bouncer(
+                plan, apns_remove_payload(recipient, ids), fcm_remove_data(recipient, ids),
+                priority="normal", receipt_event=store.EVENT_REMOVE, message_id=max(ids),
+            )
+            await self._run_db(store.clear_active, user_id, ids)
+            return
+        sends = []
+        for device in plan.devices:
+            if device.kind == "apns":
+                sends.append(self._send_apns(device, apns_remove_payload(recipient, ids),
+                                             APNS_PRIORITY_REMOVE))
+            else:
+                sends.append(self._send_fcm(device, fcm_remove_data(recipient, ids), "normal"))
+        results = await asyncio.gather(*sends)
+        await self._settle(user_id, max(ids), store.EVENT_REMOVE,
+                           list(zip(plan.devices, results, strict=True)))
+        await self._run_db(store.clear_active, user_id, ids)
+
+    async def _settle(
+        self, user_id: int, message_id: int, event: str, results: list[tuple[Any, SendResult]]
+    ) -> None:
+        """Record what each device said; raise to retry the devices that can be retried."""
+        await self._run_db(store.record_results, user_id, message_id, event, results)
+        transient = [(d, r) for d, r in results if r.outcome is Outcome.TRANSIENT]
+        if transient:
+            floors = [r.retry_after for _, r in transient if r.retry_after]
+            reasons = sorted({r.reason for _, r in transient})
+            raise TransientDeliveryError(
+                f"{len(transient)} device(s) to retry: {', '.join(reasons)}",
+                retry_after=max(floors) if floors else None,
+            )
+
+    # Providers -----------------------------------------------------------------------
+
+    async def _send_apns(self, device: Any, payload: dict[str, Any], priority: int) -> SendResult:
+        if self.apns is None:
+            return _dry_run("apns")
+        assert self._apns_cap is not None
+        async with self._apns_cap:
+            return await self._timed("apns", self.apns.send(
+                device.token,
+                topic=device.ios_app_id,
+                payload=payload,
+                push_type="alert",
+                expiration=int(time.time()) + APNS_EXPIRY_SECONDS,
+                priority=priority,
+            ))
+
+    async def _send_fcm(self, device: Any, data: dict[str, str], priority: str) -> SendResult:
+        if self.fcm is None:
+            return _dry_run("fcm")
+        assert self._fcm_cap is not None
+        async with self._fcm_cap:
+            return await self._timed("fcm", self.fcm.send(device.token, data=data,
+                                                          priority=priority))
+
+    async def _timed(self, provider: str, send: Coroutine[Any, Any, SendResult]) -> SendResult:
+        started = time.perf_counter()
+        try:
+            result = await send
+        except Exception as exc:  # a client bug must not lose the event: retry it
+            result = SendResult(Outcome.TRANSIENT, f"{type(exc).__name__}: {exc}")
+        PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+        PUSHES.labels(provider, result.outcome.value).inc()
+        return result
+
+    async def _via_bouncer(
+        self,
+        plan: Any,
+        apns: dict[str, Any],
+        gcm: dict[str, str],
+        *,
+        priority: str,
+        receipt_event: str,
+        message_id: int,
+    ) -> None:
+        apple = [d.token for d in plan.devices if d.kind == "apns"]
+        android = [d.token for d in plan.devices if d.kind == "fcm"]
+        if not apple and not android:
+            return
+        started = time.perf_counter()
+        try:
+            result = await self.bouncer.notify(
+                user_id=plan.user_id, user_uuid=plan.user_uuid, realm_uuid=None,
+                apns_payload=apns, gcm_payload=gcm, gcm_options={"priority": priority},
+                android_devices=android, apple_devices=apple,
+            )
+        except TransientDeliveryError:
+            PUSHES.labels("bouncer", Outcome.TRANSIENT.value).inc()
+            raise
+        except PermanentDeliveryError:
+            PUSHES.labels("bouncer", Outcome.PERMANENT.value).inc()
+            raise
+        PUSH_LATENCY.labels("bouncer").observe(time.perf_counter() - started)
+        PUSHES.labels("bouncer", Outcome.DELIVERED.value).inc()
+        dead = set(result.deleted_android_devices) | set(result.deleted_apple_devices)
+        outcomes = [
+            (d, SendResult(Outcome.INVALID_DEVICE, "deleted by bouncer") if d.token in dead
+             else DELIVERED)
+            for d in plan.devices
+        ]
+        await self._run_db(store.record_results, plan.user_id, message_id, receipt_event,
+                           outcomes)
+
+    async def _bouncer_command(self, command: dict[str, Any]) -> None:
+        if self.bouncer is None:
+            return
+        kind = command["command"]
+        args = dict(user_id=command["user_id"], user_uuid=command.get("user_uuid"),
+                    token=command["token"], token_kind=command["kind"])
+        if kind == "register_push_device_to_bouncer":
+            await self.bouncer.register(ios_app_id=command.get("ios_app_id"), **args)
+        else:
+            await self.bouncer.unregister(**args)
+
+
+def _lock_key(work: PushWork) -> Any:
+    if work.command is not None:
+        return ("user", work.command.get("user_id"))
+    event = work.event
+    if isinstance(event, MessageEvent | ReadEvent):
+        return ("user", event.user_id)
+    return ("deleted", id(work))
+
+
+def _dry_run(provider: str) -> SendResult:
+    # No credentials for this provider: log that a push would go out, without content.
+    logger.info("dry run: %s push not sent (no credentials configured)", provider)
+    PUSHES.labels(provider, "dry_run").inc()
+    return DELIVERED
+
+
+def build_providers(settings: Settings) -> tuple[Any, Any, Any]:
+    """Create the provider clients the settings call for (on the engine's loop)."""
+    apns = fcm = bouncer = None
+    if settings.PUSH_BOUNCER_URL:
+        from delivery.bouncer import BouncerClient
+
+        assert settings.PUSH_BOUNCER_SERVER_UUID and settings.PUSH_BOUNCER_API_KEY
+        bouncer = BouncerClient(
+            settings.PUSH_BOUNCER_URL,
+            settings.PUSH_BOUNCER_SERVER_UUID,
+            settings.PUSH_BOUNCER_API_KEY,
+            timeout=settings.PUSH_TIMEOUT_SECONDS,
+        )
+        return apns, fcm, bouncer
+    if settings.apns_enabled:
+        from delivery.apns import ApnsSender
+
+        apns = ApnsSender(
+            topic=settings.APNS_TOPIC or "",
+            key_file=settings.APNS_KEY_FILE,
+            key_id=settings.APNS_KEY_ID,
+            team_id=settings.APNS_TEAM_ID,
+            cert_file=settings.APNS_CERT_FILE,
+            sandbox=settings.APNS_SANDBOX,
+            endpoint=settings.APNS_ENDPOINT,
+            ca_file=settings.APNS_CA_FILE,
+            timeout=settings.PUSH_TIMEOUT_SECONDS,
+        )
+    if settings.fcm_enabled:
+        from delivery.fcm import FcmSender
+
+        assert settings.FCM_CREDENTIALS
+        fcm = FcmSender(
+            credentials_file=settings.FCM_CREDENTIALS,
+            project_id=settings.FCM_PROJECT_ID,
+            endpoint=settings.FCM_ENDPOINT,
+            timeout=settings.PUSH_TIMEOUT_SECONDS,
+        )
+    return apns, fcm, bouncer
+
+
+__all__ = ["PushEngine", "PushWork", "build_providers", "dead_letters"]

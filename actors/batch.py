@@ -1,0 +1,468 @@
+"""Email batching: BatchRouter and one UserBatchActor per user with pending email.
+
+Everything about one user's batch happens in that user's UserBatchActor, so
+"join the open window or open a new one" has no race inside a process (and the row
+lock in `_batch_store.record` covers other processes). The actor's timer fires at the
+deadline (a shared `TimerWheel`, not a poll); at flush it claims the due rows, renders,
+hands the emails to the `MailDispatcher`, and deletes the rows once they are sent.
+
+UserBatchActors are `PooledActor`s: 100,000 of them share a few threads. The
+BatchRouter (its own thread) creates them on demand, supervises them, and retires
+them when their batch is empty, using a count of messages routed versus handled so
+an actor is never stopped while a message is on its way to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors import _batch_store as store
+from actors._mail import MailDispatcher, SendOutcome
+from actors.runtime import PooledActor, TimerHandle, TimerWheel
+from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
+from dramatiq.common import compute_backoff
+from events import MessageEvent
+from intake import dead_letters
+from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
+from models import db
+from rendering.email import DigestItem, render_digest
+from rendering.push import Recipient
+from rendering.unsubscribe import unsubscribe_url
+from settings import Settings
+
+logger = logging.getLogger("herald.email")
+
+# How often the router looks for pending users it has no actor for (seconds): rows
+# written by a worker that died, or whose lease ran out.
+SWEEP_INTERVAL_SECONDS = 60.0
+
+
+# Messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """Commit this email event's row (asked; the answer means "durably recorded")."""
+
+    event: MessageEvent
+
+
+@dataclass(frozen=True)
+class Rearm:
+    """Look at the database and set the timer (start, restart, settings change)."""
+
+
+@dataclass(frozen=True)
+class FlushNow:
+    """Send the open batch now (`"flush": "now"`)."""
+
+
+@dataclass(frozen=True)
+class _Fire:
+    token: int
+
+
+@dataclass(frozen=True)
+class _Sent:
+    claim_id: str
+    deadline: float
+    outcomes: list[SendOutcome]
+
+
+@dataclass(frozen=True)
+class Route:
+    """To the BatchRouter: deliver `message` to `user_id`'s actor, creating it if needed.
+
+    With `ask`, the answer is the child's own future for the message.
+    """
+
+    user_id: int
+    message: Any
+
+
+@dataclass(frozen=True)
+class _Retire:
+    user_id: int
+    actor_urn: str
+    handled: int
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    pass
+
+
+@dataclass(frozen=True)
+class PendingCount:
+    pass
+
+
+# Shared context ---------------------------------------------------------------------
+
+
+@dataclass
+class BatchContext:
+    """What every UserBatchActor of a process shares.
+
+    Parameters:
+      settings: batching, retry and email settings.
+      timers: the shared timer wheel.
+      mail: the mail dispatcher.
+      worker_id: this process's name in claims (`host:pid:random`).
+    """
+
+    settings: Settings
+    timers: TimerWheel
+    mail: MailDispatcher
+    worker_id: str
+
+
+class UserBatchActor(SupervisedMixin, PooledActor):
+    """Owns one user's email batch.
+
+    Parameters:
+      user_id: whose batch.
+      context: shared timers, mail dispatcher and settings.
+      router: the BatchRouter, told when this actor may retire.
+
+    Runs on the shared actor pool; timer callbacks run on the timer thread and only
+    `tell`; SMTP runs on the mail dispatcher's threads, which `tell` the outcome.
+    """
+
+    def __init__(self, user_id: int, context: BatchContext, router: pykka.ActorRef[Any]) -> None:
+        super().__init__()
+        self.user_id = user_id
+        self.ctx = context
+        self.router = router
+        self.supervisor_ref = router
+        self.supervision_key = user_id
+        self._handled = 0
+        self._deadline: float | None = None
+        self._timer: TimerHandle | None = None
+        self._token = 0
+        self._sending = False
+
+    # Pykka hooks (pool thread) ---------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Record | Rearm | FlushNow):
+            self._handled += 1  # only what the router routed counts toward retiring
+        if isinstance(message, Record):
+            result = self._record(message.event)
+            self._maybe_retire()
+            return result
+        if isinstance(message, Rearm):
+            self._arm(_db(store.next_wakeup, self.user_id))
+        elif isinstance(message, FlushNow):
+            self._flush(forced=True)
+        elif isinstance(message, _Fire):
+            if message.token == self._token:
+                self._timer = None
+                self._flush(forced=False)
+        elif isinstance(message, _Sent):
+            self._sent(message)
+        self._maybe_retire()
+        return None
+
+    def on_stop(self) -> None:
+        self._cancel_timer()
+
+    def on_crash(self) -> None:
+        self._cancel_timer()
+
+    # Recording -----------------------------------------------------------------------
+
+    def _record(self, event: MessageEvent) -> float | None:
+        deadline = _db(store.record, event)
+        if deadline is not None:
+            if event.flush == "now":
+                self._flush(forced=True)
+            else:
+                self._arm(deadline)
+        return deadline
+
+    # Timer ---------------------------------------------------------------------------
+
+    def _arm(self, when: float | None) -> None:
+        if when is None:
+            return
+        if self._timer is not None and self._deadline is not None and self._deadline <= when:
+            return
+        self._cancel_timer()
+        self._token += 1
+        token, me = self._token, self.actor_ref
+        self._deadline = when
+        self._timer = self.ctx.timers.call_later(
+            max(0.0, when - time.time()), lambda: _tell(me, _Fire(token))
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = None
+
+    # Flushing ------------------------------------------------------------------------
+
+    def _flush(self, *, forced: bool) -> None:
+        if self._sending:
+            return  # the flush in flight re-arms when it is done
+        claim_id = f"{self.ctx.worker_id}:{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        deadline = self._deadline or now
+        if forced:
+            _db(_make_due, self.user_id, now)
+        rows = _db(store.claim_due, self.user_id, claim_id, now)
+        self._cancel_timer()
+        if not rows:
+            self._arm(_db(store.next_wakeup, self.user_id))
+            return
+        batch = _db(store.load_batch, rows)
+        user = batch.user
+        if user is None or not user.enable_offline_email_notifications or not batch.rows:
+            _db(store.finish, claim_id, [r.message_id for r in rows])
+            self._arm(_db(store.next_wakeup, self.user_id))
+            return
+        emails = self._render(user, batch)
+        self._sending = True
+        me = self.actor_ref
+        self.ctx.mail.send(emails, lambda outcomes: _tell(me, _Sent(claim_id, deadline, outcomes)))
+
+    def _render(self, user: Any, batch: store.Batch) -> list[tuple[list[int], Any]]:
+        settings = self.ctx.settings
+        recipient = Recipient(user.id, user.email, user.full_name, user.realm_name,
+                              user.realm_url)
+        out = []
+        # One email per conversation; render per conversation to know each one's rows.
+        for ids, items in _conversations(batch):
+            messages = render_digest(
+                recipient, items, from_addr=settings.EMAIL_FROM,
+                unsubscribe_url=unsubscribe_url(settings.public_url, user.id,
+                                                settings.secret_key),
+                max_messages=settings.EMAIL_MAX_MESSAGES,
+            )
+            for message in messages:
+                out.append((ids, message))
+        return out
+
+    def _sent(self, message: _Sent) -> None:
+        self._sending = False
+        settings = self.ctx.settings
+        sent = [i for o in message.outcomes if o.status == "sent" for i in o.message_ids]
+        if sent:
+            _db(store.finish, message.claim_id, sent)
+            EMAILS_SENT.inc(sum(1 for o in message.outcomes if o.status == "sent"))
+            EMAIL_SEND_LATENESS.observe(max(0.0, time.time() - message.deadline))
+        for outcome in message.outcomes:
+            if outcome.status == "sent":
+                continue
+            if outcome.status == "transient":
+                attempts = _db(store.retry_later, message.claim_id, outcome.message_ids,
+                               lambda tries: _backoff_seconds(settings, tries - 1))
+                if attempts < settings.RETRY_MAX_TRIES:
+                    logger.info("email for user %s: try %d failed, will retry: %s",
+                                self.user_id, attempts, outcome.reason[:200])
+                    continue
+                self._dead_letter(outcome, attempts, f"gave up after {attempts} tries: "
+                                  f"{outcome.reason}", claim_id=None)
+            else:
+                self._dead_letter(outcome, 1, outcome.reason, claim_id=message.claim_id)
+        self._arm(_db(store.next_wakeup, self.user_id))
+
+    def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str,
+                     claim_id: str | None) -> None:
+        def move() -> None:
+            rows = list(store.Row.select().where(
+                (store.Row.user_id == self.user_id)
+                & store.Row.message_id.in_(outcome.message_ids)))
+            with db.atomic():
+                dead_letters.record(
+                    kind=dead_letters.KIND_EMAIL_BATCH, reason=reason,
+                    payload={"user_id": self.user_id, "rows": store.rows_as_payload(rows)},
+                    attempts=attempts, user_id=self.user_id,
+                )
+                store.Row.delete().where(store.Row.id.in_([r.id for r in rows])).execute()
+
+        _db(move)
+
+    def _maybe_retire(self) -> None:
+        if self._timer is None and not self._sending:
+            _tell(self.router, _Retire(self.user_id, self.actor_urn, self._handled))
+
+
+class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
+    """Creates, supervises and retires UserBatchActors; one per process.
+
+    Parameters:
+      context: what the user actors share.
+      supervisor_ref: the root supervisor.
+    """
+
+    def __init__(self, context: BatchContext, supervisor_ref: pykka.ActorRef[Any] | None) -> None:
+        super().__init__()
+        self.ctx = context
+        self.supervisor_ref = supervisor_ref
+        self.supervision_key = "batch_router"
+        self._children: dict[int, list[Any]] = {}
+        self._sweep_timer: TimerHandle | None = None
+        s = context.settings
+        self._init_supervision(
+            "BatchRouter", s.SUPERVISOR_MAX_RESTARTS, s.SUPERVISOR_PERIOD_SECONDS,
+            schedule=lambda delay, fn: context.timers.call_later(delay, fn),
+        )
+
+    def on_start(self) -> None:
+        self._rearm_all()
+        self._schedule_sweep()
+
+    def on_stop(self) -> None:
+        self._stop_children()
+
+    def on_crash(self) -> None:
+        self._stop_children()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Route):
+            return self._route(message.user_id, message.message)
+        if isinstance(message, _Retire):
+            self._retire(message)
+        elif isinstance(message, ChildFailed):
+            self._on_child_failed(message)
+        elif isinstance(message, RestartChild):
+            self._on_restart_child(message)
+        elif isinstance(message, _Sweep):
+            self._rearm_all()
+            self._schedule_sweep()
+        elif isinstance(message, PendingCount):
+            return len(self._children)
+        return None
+
+    def _route(self, user_id: int, message: Any) -> pykka.Future[Any]:
+        entry = self._children.get(user_id)
+        if entry is None:
+            entry = self._start_child(user_id)
+        entry[1] += 1
+        return entry[0].ask(message, block=False)  # type: ignore[no-any-return]
+
+    def _start_child(self, user_id: int) -> list[Any]:
+        ref = UserBatchActor.start(user_id, self.ctx, self.actor_ref)
+        entry = [ref, 0]
+        self._children[user_id] = entry
+        PENDING_EMAIL_USERS.set(len(self._children))
+        return entry
+
+    def _retire(self, message: _Retire) -> None:
+        entry = self._children.get(message.user_id)
+        if entry is None or entry[0].actor_urn != message.actor_urn:
+            return
+        if entry[1] != message.handled:
+            return  # a message is on its way to it: keep it
+        del self._children[message.user_id]
+        PENDING_EMAIL_USERS.set(len(self._children))
+        entry[0].stop(block=False)
+
+    def _rearm_all(self) -> None:
+        try:
+            pending = _db(store.pending_users)
+        except Exception:
+            logger.exception("could not read pending email users")
+            return
+        for user_id, _deadline in pending:
+            if user_id not in self._children:
+                self._route(user_id, Rearm())
+
+    def _schedule_sweep(self) -> None:
+        me = self.actor_ref
+        self._sweep_timer = self.ctx.timers.call_later(
+            SWEEP_INTERVAL_SECONDS, lambda: _tell(me, _Sweep())
+        )
+
+    def _stop_children(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        for ref, _count in list(self._children.values()):
+            try:
+                ref.stop(block=False)
+            except pykka.ActorDeadError:
+                pass
+        self._children.clear()
+        PENDING_EMAIL_USERS.set(0)
+
+    # Supervision -----------------------------------------------------------------------
+
+    def _current_child_urn(self, key: Any) -> str | None:
+        entry = self._children.get(key)
+        return entry[0].actor_urn if entry else None
+
+    def _forget_child(self, key: Any) -> None:
+        self._children.pop(key, None)
+        PENDING_EMAIL_USERS.set(len(self._children))
+
+    def _restart(self, key: Any) -> None:
+        if key not in self._children:
+            self._route(int(key), Rearm())
+
+    def _child_kind(self, key: Any) -> str:
+        return "UserBatchActor"
+
+
+# Helpers --------------------------------------------------------------------------
+
+
+def _db(fn: Callable[..., Any], *args: Any) -> Any:
+    with db.connection_context():
+        return fn(*args)
+
+
+def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
+
+
+def _make_due(user_id: int, now: float) -> None:
+    store.Row.update(scheduled_timestamp=now).where(
+        (store.Row.user_id == user_id) & store.Row.claimed_by.is_null()
+        & (store.Row.scheduled_timestamp > now)
+    ).execute()
+
+
+def _backoff_seconds(settings: Settings, attempts: int) -> float:
+    _, ms = compute_backoff(
+        max(0, attempts), factor=settings.RETRY_MIN_BACKOFF_MS,
+        max_backoff=settings.RETRY_MAX_BACKOFF_MS,
+    )
+    return ms / 1000.0
+
+
+def _conversations(batch: store.Batch) -> list[tuple[list[int], list[DigestItem]]]:
+    """Split a batch by conversation, as `render_digest` will (one email each)."""
+    groups: dict[Any, tuple[list[int], list[DigestItem]]] = {}
+    for row in sorted(batch.rows, key=lambda r: batch.messages[r.message_id].date_sent):
+        m = batch.messages[row.message_id]
+        if m.recipient_type == "stream":
+            key: Any = ("stream", m.stream_id or m.stream, (m.topic or "").casefold())
+        elif m.pm_users:
+            key = ("group", frozenset(p.id for p in m.pm_users))
+        else:
+            key = ("dm", m.sender_id)
+        ids, items = groups.setdefault(key, ([], []))
+        ids.append(row.message_id)
+        items.append(DigestItem(m, row.trigger, row.mentioned_user_group_name))
+    return list(groups.values())
+
+
+def new_worker_id() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**6):06x}"

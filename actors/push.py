@@ -1,0 +1,59 @@
+"""PushActor: one per push shard, owning that shard's deliveries.
+
+The actor's own thread only hands work to its `PushEngine` (an asyncio loop on a
+second thread), in mailbox order; the engine keeps each user's work in that order
+while sends for different users overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from actors._push_engine import PushEngine, PushWork
+from actors.supervision import SupervisedMixin
+from settings import Settings
+
+
+class PushActor(SupervisedMixin, pykka.ThreadingActor):
+    """Delivers one shard's pushes and removes.
+
+    Parameters:
+      settings: provider credentials, caps and timeouts.
+      shard: the shard number.
+      supervisor_ref: the ShardRouter.
+      providers: optional factory for the provider clients (see `PushEngine`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        shard: int,
+        supervisor_ref: pykka.ActorRef[Any] | None,
+        providers: Callable[[Settings], tuple[Any, Any, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.shard = shard
+        self.supervisor_ref = supervisor_ref
+        self.supervision_key = shard
+        self.engine = PushEngine(settings, shard, providers)
+
+    def on_start(self) -> None:
+        self.engine.start()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, PushWork):
+            self.handle(message)
+        return None
+
+    def handle(self, work: PushWork) -> None:
+        """Runs on the actor's thread, in mailbox order."""
+        self.engine.submit(work)
+
+    def on_stop(self) -> None:
+        self.engine.stop()
+
+    def on_crash(self) -> None:
+        self.engine.stop()

@@ -1,0 +1,543 @@
+"""Apple Push Notification service (APNs) sender, built on aioapns.
+
+``ApnsSender`` sends one notification to one device token and turns APNs' answer
+into a :class:`~delivery.outcomes.SendResult`. It is created and used inside a single
+asyncio event loop (a PushActor's delivery thread); the aioapns client is made on the
+first send, inside that loop, and keeps a pool of HTTP/2 connections that every send
+reuses (one connection carries many concurrent streams).
+
+Parameters of ``ApnsSender`` (all keyword-only):
+  topic: the bundle id the client is set up with (``APNS_TOPIC``); each send names
+    its own ``apns-topic`` (the device's ``ios_app_id``).
+  key_file, key_id, team_id: token authentication with a ``.p8`` signing key.
+  cert_file: certificate authentication instead of a key: one PEM file holding the
+    client certificate and its private key (aioapns loads it with
+    ``SSLContext.load_cert_chain(cert_file)``, which takes no separate key file).
+  sandbox: use Apple's development endpoint.
+  endpoint: ``"host:port"`` overriding Apple's endpoint (staging, tests).
+  ca_file: an extra CA bundle to trust (in addition to the system store) when
+    verifying the endpoint's certificate.
+  timeout: seconds to wait for one answer; aioapns has no response timeout.
+  max_connections: size of the connection pool.
+
+What aioapns does not do, and how this module fills the gaps (all through one small
+subclass of aioapns' protocol class, installed on ``client.pool.protocol_class``):
+
+* Endpoint: aioapns takes no host argument; the subclass sets ``APNS_SERVER`` and
+  ``APNS_PORT``.
+* ``Retry-After``: aioapns reads the response headers but keeps only ``:status`` and
+  ``apns-id``; ``NotificationResult`` has no headers. The subclass copies
+  ``Retry-After`` from error responses into a per-sender dict keyed by ``apns-id``.
+* Provider tokens (JWT): aioapns makes a new ``JWTAuthorizationHeaderProvider`` for
+  every connection, and each one signs a fresh token on first use and then every 30
+  minutes (``TOKEN_TTL``). Connections are closed after an idle period and reopened on
+  demand, so with aioapns' defaults a bursty sender would sign a new token on every
+  reconnect, breaking Apple's rule (refresh no more often than every 20 minutes; no
+  token older than 60 minutes) and earning ``TooManyProviderTokenUpdates``. The
+  subclass replaces the per-connection provider with one shared by all connections of
+  a sender, refreshed every ``JWT_REFRESH_SECONDS`` (40 minutes).
+* Answers without a ``reason`` body (a bare 5xx from a proxy, say) leave aioapns
+  waiting forever; the subclass completes them when their stream ends. It also
+  returns flow-control credit for response bodies (aioapns never does, so enough
+  error bodies would stall a connection) and drops answers that arrive after the
+  caller has given up.
+
+Never logged: device tokens, keys, provider tokens, payload content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jwt
+from aioapns import APNs, NotificationRequest, PushType
+from aioapns.common import NotificationResult
+from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider
+from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
+from aioapns.exceptions import ConnectionError as ApnsConnectionError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from h2.exceptions import H2Error
+
+from delivery.outcomes import Outcome, SendResult
+
+logger = logging.getLogger(__name__)
+
+# Apple's production endpoint host.
+PRODUCTION_HOST = "api.push.apple.com"
+# Apple's development (sandbox) endpoint host.
+SANDBOX_HOST = "api.sandbox.push.apple.com"
+# Port of Apple's endpoints (443; 2197 is the alternative for blocked networks).
+DEFAULT_PORT = 443
+
+# Age at which the shared provider token is re-signed: inside Apple's window of
+# "no more often than every 20 minutes, no older than 60 minutes".
+JWT_REFRESH_SECONDS = 40 * 60
+# Apple's floor between two token refreshes; a server-side "expired" verdict on a
+# younger token does not trigger an early refresh.
+JWT_MIN_REFRESH_SECONDS = 20 * 60
+# Seconds an idle connection stays open (aioapns' default is 10 s; Apple asks providers
+# to keep connections open rather than reconnect for every burst).
+CONNECTION_IDLE_SECONDS = 60
+# Connection attempts aioapns makes per send before giving up (1 s apart); herald's own
+# retries take over after that.
+MAX_CONNECTION_ATTEMPTS = 2
+
+# Reasons meaning the device token is dead: delete the device, do not retry.
+INVALID_DEVICE_REASONS = frozenset(
+    {"Unregistered", "BadDeviceToken", "DeviceTokenNotForTopic", "ExpiredToken"}
+)
+# Reasons worth retrying later, whatever their HTTP status.
+TRANSIENT_REASONS = frozenset(
+    {
+        "ExpiredProviderToken",
+        "TooManyRequests",
+        "TooManyProviderTokenUpdates",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "Shutdown",
+        "IdleTimeout",
+    }
+)
+# HTTP status APNs uses for a device token that is no longer active.
+HTTP_GONE = 410
+# HTTP status for throttling.
+HTTP_TOO_MANY_REQUESTS = 429
+
+# Reason reported when no answer came within the timeout.
+REASON_TIMEOUT = "timeout"
+
+
+class ProviderToken(AuthorizationHeaderProvider):
+    """One APNs provider token (ES256 JWT), shared by every connection of a sender.
+
+    Parameters:
+      key: the EC P-256 private key from the ``.p8`` file.
+      key_id: the key's id (the JWT ``kid`` header).
+      team_id: the developer team id (the JWT ``iss`` claim).
+      clock: source of the current UNIX time (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        key_id: str,
+        team_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = key
+        self._key_id = key_id
+        self._team_id = team_id
+        self._clock = clock
+        self._issued_at = 0
+        self._header: str | None = None
+
+    @property
+    def issued_at(self) -> int:
+        """UNIX time of the current token's ``iat`` (0 before the first one)."""
+        return self._issued_at
+
+    def get_header(self) -> str:
+        """The ``authorization`` header value, re-signed once the token is old enough."""
+        now = self._clock()
+        if self._header is None or now - self._issued_at >= JWT_REFRESH_SECONDS:
+            self._issued_at = int(now)
+            token = jwt.encode(
+                {"iss": self._team_id, "iat": self._issued_at},
+                self._key,
+                algorithm="ES256",
+                headers={"kid": self._key_id},
+            )
+            self._header = f"bearer {token}"
+        return self._header
+
+    def server_says_expired(self) -> None:
+        """APNs answered ``ExpiredProviderToken``: re-sign on next use if Apple allows it."""
+        if self._header is not None and self._clock() - self._issued_at >= JWT_MIN_REFRESH_SECONDS:
+            self._header = None
+
+
+class _HeraldProtocol(APNsTLSClientProtocol):
+    """aioapns' TLS protocol with herald's fixes; bound to one sender by `_bind_protocol`."""
+
+    INACTIVITY_TIME = CONNECTION_IDLE_SECONDS
+    # The sender's shared provider token (None with certificate auth).
+    shared_auth: ClassVar[AuthorizationHeaderProvider | None] = None
+    # Where Retry-After values of error answers go, keyed by apns-id.
+    retry_after_sink: ClassVar[dict[str, str]]
+
+    def __init__(
+        self,
+        apns_topic: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_connection_lost: Any = None,
+        auth_provider: AuthorizationHeaderProvider | None = None,
+    ) -> None:
+        # aioapns hands every connection its own JWT provider; use the shared one.
+        if auth_provider is not None and self.shared_auth is not None:
+            auth_provider = self.shared_auth
+        super().__init__(apns_topic, loop, on_connection_lost, auth_provider)
+
+    def _forget(self, notification_id: str) -> None:
+        self.requests.pop(notification_id, None)
+        self.request_statuses.pop(notification_id, None)
+
+    def on_response_received(self, headers: dict[bytes, bytes]) -> None:
+        notification_id = headers.get(b"apns-id", b"").decode("latin-1")
+        future = self.requests.get(notification_id)
+        if future is None or future.done():
+            # Unknown, or the caller gave up (timeout): setting a result now would raise.
+            self._forget(notification_id)
+            return
+        if headers.get(b":status") != b"200":
+            retry_after = headers.get(b"retry-after")
+            if retry_after is not None:
+                self.retry_after_sink[notification_id] = retry_after.decode("latin-1")
+        super().on_response_received(headers)
+
+    def on_data_received(self, data: bytes, stream_id: int) -> None:
+        # Give the flow-control credit back, or the connection window runs dry.
+        self.conn.acknowledge_received_data(len(data), stream_id)
+        notification_id = self.request_streams.get(stream_id)
+        if notification_id is None:
+            return
+        future = self.requests.get(notification_id)
+        if future is None or future.done() or notification_id not in self.request_statuses:
+            return
+        try:
+            super().on_data_received(data, stream_id)
+        except ValueError:
+            # Not JSON (or not UTF-8): on_stream_ended completes it without a reason.
+            pass
+
+    def on_stream_ended(self, stream_id: int) -> None:
+        # aioapns forgets a stream only when its answer had a reason; tidy up here and
+        # complete answers that ended without one.
+        notification_id = self.request_streams.pop(stream_id, None)
+        if notification_id is not None:
+            future = self.requests.pop(notification_id, None)
+            status = self.request_statuses.pop(notification_id, None)
+            if future is not None and not future.done():
+                future.set_result(NotificationResult(notification_id, status or "", ""))
+        super().on_stream_ended(stream_id)
+
+
+def _bind_protocol(
+    host: str,
+    port: int,
+    auth: AuthorizationHeaderProvider | None,
+    retry_after_sink: dict[str, str],
+) -> type[APNsTLSClientProtocol]:
+    """A protocol class for one sender: its endpoint, token and Retry-After sink."""
+
+    class BoundProtocol(_HeraldProtocol):
+        APNS_SERVER = host
+        APNS_PORT = port
+        shared_auth = auth
+
+    BoundProtocol.retry_after_sink = retry_after_sink
+    return BoundProtocol
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``, or a bare host for port 443) → (host, port)."""
+    text = endpoint.strip()
+    if not text:
+        raise ValueError("APNS_ENDPOINT: empty")
+    host, port = text, DEFAULT_PORT
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"APNS_ENDPOINT: bad host in {endpoint!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"APNS_ENDPOINT: expected host:port, got {endpoint!r}")
+            port = _port(rest[1:], endpoint)
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        port = _port(port_text, endpoint)
+    if not host:
+        raise ValueError(f"APNS_ENDPOINT: missing host in {endpoint!r}")
+    return host, port
+
+
+def _port(text: str, endpoint: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"APNS_ENDPOINT: bad port in {endpoint!r}")
+    return int(text)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date); None if absent/bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+async def _ignore_error(request: NotificationRequest, result: NotificationResult) -> None:
+    """aioapns logs every failed answer itself unless given this hook; herald maps them."""
+
+
+class ApnsSender:
+    """Sends notifications to APNs over a pool of reused HTTP/2 connections.
+
+    Parameters (keyword-only):
+      topic: bundle id the client is set up with (``APNS_TOPIC``).
+      key_file, key_id, team_id: ``.p8`` token authentication (all three together).
+      cert_file: PEM with client certificate and key, instead of token authentication.
+      sandbox: Apple's development endpoint instead of production.
+      endpoint: ``"host:port"`` override of Apple's endpoint.
+      ca_file: extra CA bundle trusted for the endpoint (added to the system store).
+      timeout: seconds to wait for each answer before reporting TRANSIENT ``timeout``.
+      max_connections: most HTTP/2 connections kept open at once.
+
+    Raises ValueError (naming the setting) for incomplete or unreadable credentials.
+    """
+
+    def __init__(
+        self,
+        *,
+        topic: str,
+        key_file: str | None = None,
+        key_id: str | None = None,
+        team_id: str | None = None,
+        cert_file: str | None = None,
+        sandbox: bool = False,
+        endpoint: str | None = None,
+        ca_file: str | None = None,
+        timeout: float = 10.0,
+        max_connections: int = 10,
+    ) -> None:
+        if not topic:
+            raise ValueError("APNS_TOPIC: required")
+        if timeout <= 0:
+            raise ValueError("APNs timeout must be positive")
+        if max_connections < 1:
+            raise ValueError("APNs max_connections must be at least 1")
+        if cert_file and key_file:
+            raise ValueError("APNS_CERT_FILE: give either a certificate or a key file, not both")
+        self.topic = topic
+        self.timeout = timeout
+        self.max_connections = max_connections
+        if endpoint:
+            self.host, self.port = parse_endpoint(endpoint)
+        else:
+            self.host, self.port = (SANDBOX_HOST if sandbox else PRODUCTION_HOST), DEFAULT_PORT
+
+        self._ssl_context = ssl.create_default_context()
+        if ca_file:
+            try:
+                self._ssl_context.load_verify_locations(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"APNS_CA_FILE: cannot load ({type(exc).__name__})") from None
+
+        self._cert_file = cert_file
+        self._key_pem: str | None = None
+        self._key_id = key_id
+        self._team_id = team_id
+        self._auth: ProviderToken | None = None
+        if cert_file:
+            try:
+                # aioapns loads it again into the same context; this just fails early.
+                self._ssl_context.load_cert_chain(cert_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"APNS_CERT_FILE: cannot load certificate and key ({type(exc).__name__})"
+                ) from None
+        elif key_file:
+            if not key_id:
+                raise ValueError("APNS_KEY_ID: required with APNS_KEY_FILE")
+            if not team_id:
+                raise ValueError("APNS_TEAM_ID: required with APNS_KEY_FILE")
+            self._key_pem, key = _load_p8(key_file)
+            self._auth = ProviderToken(key, key_id, team_id)
+        else:
+            raise ValueError("APNS_KEY_FILE or APNS_CERT_FILE: one is required")
+
+        # Retry-After values of error answers, keyed by apns-id (filled by the protocol).
+        self._retry_after: dict[str, str] = {}
+        self._client: APNs | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def _get_client(self) -> APNs:
+        if self._client is None:
+            # aioapns binds its pool to the running loop, so build it here, not in __init__.
+            self._loop = asyncio.get_running_loop()
+            if self._cert_file:
+                client = APNs(
+                    client_cert=self._cert_file,
+                    topic=self.topic,
+                    max_connections=self.max_connections,
+                    max_connection_attempts=MAX_CONNECTION_ATTEMPTS,
+                    ssl_context=self._ssl_context,
+                    err_func=_ignore_error,
+                )
+            else:
+                client = APNs(
+                    key=self._key_pem,
+                    key_id=self._key_id,
+                    team_id=self._team_id,
+                    topic=self.topic,
+                    max_connections=self.max_connections,
+                    max_connection_attempts=MAX_CONNECTION_ATTEMPTS,
+                    ssl_context=self._ssl_context,
+                    err_func=_ignore_error,
+                )
+            client.pool.protocol_class = _bind_protocol(
+                self.host, self.port, self._auth, self._retry_after
+            )
+            self._client = client
+        elif asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("ApnsSender used from a different event loop")
+        return self._client
+
+    @property
+    def connection_count(self) -> int:
+        """HTTP/2 connections currently open in the pool."""
+        return len(self._client.pool.connections) if self._client is not None else 0
+
+    async def send(
+        self,
+        token: str,
+        *,
+        topic: str,
+        payload: dict[str, Any],
+        push_type: str = "alert",
+        expiration: int | None = None,
+        priority: int = 10,
+        collapse_key: str | None = None,
+    ) -> SendResult:
+        """Send one notification and say how it went.
+
+        Parameters:
+          token: the device token (hex).
+          topic: ``apns-topic``, the device's ``ios_app_id``.
+          payload: the JSON payload (``{"aps": {...}, ...}``).
+          push_type: ``apns-push-type`` (``alert``, ``background``, ...).
+          expiration: ``apns-expiration`` as a UNIX time in seconds (``0``: deliver now or
+            never); None leaves it to APNs. aioapns takes a time-to-live and adds it to
+            its own clock when it writes the header, so the header may differ by a second.
+          priority: ``apns-priority`` (10 immediate, 5 power-considerate, 1 low).
+          collapse_key: ``apns-collapse-id``.
+        """
+        if self._closed:
+            raise RuntimeError("ApnsSender is closed")
+        try:
+            kind = PushType(push_type)
+        except ValueError:
+            return SendResult(Outcome.PERMANENT, "unsupported push type")
+        try:
+            # aioapns serialises after writing the headers, which would strand the stream.
+            json.dumps(payload, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return SendResult(Outcome.PERMANENT, "payload is not JSON-serialisable")
+        time_to_live = None
+        if expiration is not None:
+            time_to_live = max(0, int(expiration) - int(time.time()))
+        request = NotificationRequest(
+            device_token=token,
+            message=payload,
+            time_to_live=time_to_live,
+            priority=priority,
+            collapse_key=collapse_key,
+            push_type=kind,
+            apns_topic=topic,
+        )
+        client = self._get_client()
+        notification_id = request.notification_id
+        try:
+            result = await asyncio.wait_for(client.send_notification(request), self.timeout)
+        except TimeoutError:
+            logger.debug("APNs send %s: no answer in %.1f s", notification_id, self.timeout)
+            return SendResult(Outcome.TRANSIENT, REASON_TIMEOUT)
+        except (
+            MaxAttemptsExceeded,
+            ApnsConnectionError,
+            ConnectionClosed,
+            OSError,
+            H2Error,
+        ) as exc:
+            logger.debug("APNs send %s: %s", notification_id, type(exc).__name__)
+            return SendResult(Outcome.TRANSIENT, f"connection error ({type(exc).__name__})")
+        finally:
+            retry_after_raw = self._retry_after.pop(notification_id, None)
+        return self._map(result, parse_retry_after(retry_after_raw))
+
+    def _map(self, result: NotificationResult, retry_after: float | None) -> SendResult:
+        try:
+            status = int(result.status)
+        except ValueError:
+            status = 0
+        if status == 200:
+            return SendResult(Outcome.DELIVERED)
+        reason = result.description or f"HTTP {result.status or '?'}"
+        if status == HTTP_GONE or reason in INVALID_DEVICE_REASONS:
+            outcome = Outcome.INVALID_DEVICE
+        elif status >= 500 or status == HTTP_TOO_MANY_REQUESTS or reason in TRANSIENT_REASONS:
+            outcome = Outcome.TRANSIENT
+            if reason == "ExpiredProviderToken" and self._auth is not None:
+                self._auth.server_says_expired()
+        elif status == 0:
+            outcome = Outcome.TRANSIENT
+        else:
+            outcome = Outcome.PERMANENT
+        logger.debug("APNs send %s: HTTP %s %s", result.notification_id, result.status, reason)
+        return SendResult(outcome, reason, retry_after if outcome is Outcome.TRANSIENT else None)
+
+    async def close(self) -> None:
+        """Close every pooled connection; the sender cannot be used afterwards."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is None:
+            return
+        pool = client.pool
+        pool.close()
+        # Let the transports finish closing (connection_lost removes them from the pool).
+        for _ in range(50):
+            if not pool.connections:
+                break
+            await asyncio.sleep(0.01)
+
+
+def _load_p8(path: str) -> tuple[str, ec.EllipticCurvePrivateKey]:
+    """Read and check a ``.p8`` signing key: (PEM text for aioapns, the key object)."""
+    try:
+        with open(path, "rb") as handle:
+            pem = handle.read()
+    except OSError as exc:
+        raise ValueError(f"APNS_KEY_FILE: cannot read ({type(exc).__name__})") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise ValueError("APNS_KEY_FILE: not a PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("APNS_KEY_FILE: not an EC P-256 key")
+    return pem.decode("ascii"), key
+
+
+__all__ = [
+    "ApnsSender",
+    "ProviderToken",
+    "parse_endpoint",
+    "parse_retry_after",
+]

@@ -1,0 +1,1 @@
+"""The ingest API: HTTP (Starlette) and the same operations as a Python API."""

@@ -1,0 +1,1 @@
+"""Durable intake: the Dramatiq broker, its queues, middleware and consumers."""

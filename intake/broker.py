@@ -1,0 +1,52 @@
+"""The Dramatiq broker: RabbitMQ when `BROKER_URL` is set, else in-process."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import ShutdownNotifications
+
+from intake.middleware import IntakeMetrics, RetryWithBackoff
+from settings import Settings
+
+logger = logging.getLogger("herald.intake")
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    """Build the broker and make it Dramatiq's global one.
+
+    RabbitMQ: durable queues, persistent messages, publisher confirms (an enqueue
+    returns only once RabbitMQ has the message on disk) and per-queue dead-letter
+    queues (`<queue>.XQ`). In-process: Dramatiq's stub broker, consumed by a worker
+    in the same process; a 202 then means "queued in memory".
+    """
+    middleware = [
+        ShutdownNotifications(),
+        IntakeMetrics(),
+        RetryWithBackoff(
+            min_backoff_ms=settings.RETRY_MIN_BACKOFF_MS,
+            max_backoff_ms=settings.RETRY_MAX_BACKOFF_MS,
+            max_tries=settings.RETRY_MAX_TRIES,
+        ),
+    ]
+    broker: dramatiq.Broker
+    if settings.BROKER_URL:
+        broker = RabbitmqBroker(
+            url=settings.BROKER_URL, confirm_delivery=True, middleware=middleware
+        )
+    else:
+        broker = StubBroker(middleware=middleware)
+        broker.emit_after("process_boot")
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def ping(broker: dramatiq.Broker) -> None:
+    """Raise if the broker cannot be reached."""
+    if isinstance(broker, RabbitmqBroker):
+        # Opening (or reusing) this thread's channel proves the connection works.
+        if not broker.channel.is_open:
+            raise ConnectionError("RabbitMQ channel is closed")

@@ -1,0 +1,26 @@
+"""Counts every queue message's fate by queue name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from intake.broker_names import canonical_queue
+from metrics import EVENTS_PROCESSED
+
+
+class IntakeMetrics(Middleware):
+    """Counts messages processed per queue (retries and failures are counted where decided)."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None:
+            EVENTS_PROCESSED.labels(canonical_queue(message.queue_name)).inc()

@@ -1,0 +1,69 @@
+"""Publishing events to the queues: which queues an event goes to, and the enqueue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from events import MessageDeletedEvent, MessageEvent, ReadEvent
+from intake.queues import EMAIL_ACTOR, EMAIL_QUEUE, push_actor, push_queue, shard_of
+from metrics import EVENTS_ACCEPTED
+
+AnyEvent = MessageEvent | ReadEvent | MessageDeletedEvent
+
+
+class Publisher:
+    """Turns events into queue messages.
+
+    Parameters:
+      broker: where to enqueue; with RabbitMQ and publisher confirms, `publish`
+        returns only after the broker has confirmed every message.
+      shards: `PUSH_SHARDS`.
+
+    Fan-out: a message event goes to its user's push shard and/or the email queue as
+    its channels say; `read` to both; `message_deleted` to every push shard (the
+    users with pushes for it may live on any) and the email queue.
+    """
+
+    def __init__(self, broker: dramatiq.Broker, shards: int) -> None:
+        self.broker = broker
+        self.shards = shards
+
+    def routes(self, event: AnyEvent) -> list[tuple[str, str]]:
+        """The (queue, actor) pairs `event` is published to."""
+        email = (EMAIL_QUEUE, EMAIL_ACTOR)
+        if isinstance(event, MessageEvent):
+            out = []
+            if "push" in event.channels:
+                shard = shard_of(event.user_id, self.shards)
+                out.append((push_queue(shard), push_actor(shard)))
+            if "email" in event.channels:
+                out.append(email)
+            return out
+        if isinstance(event, ReadEvent):
+            shard = shard_of(event.user_id, self.shards)
+            return [(push_queue(shard), push_actor(shard)), email]
+        return [(push_queue(n), push_actor(n)) for n in range(self.shards)] + [email]
+
+    def publish(self, events: list[AnyEvent]) -> int:
+        """Enqueue every event on its queues; returns the number of queue messages."""
+        sent = 0
+        for event in events:
+            payload = event.model_dump(mode="json", exclude_none=True)
+            for queue, actor in self.routes(event):
+                self._enqueue(queue, actor, payload, None)
+                EVENTS_ACCEPTED.labels(queue).inc()
+                sent += 1
+        return sent
+
+    def command(self, queue: str, actor: str, command: str, payload: dict[str, Any]) -> None:
+        """Enqueue an internal command (re-arm a user's batch, replay, bouncer sync)."""
+        self._enqueue(queue, actor, payload, command)
+
+    def _enqueue(self, queue: str, actor: str, payload: Any, command: str | None) -> None:
+        kwargs = {"command": command} if command else {}
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue, actor_name=actor, args=(payload,), kwargs=kwargs, options={}
+        )
+        self.broker.enqueue(message)

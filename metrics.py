@@ -1,0 +1,45 @@
+"""herald's Prometheus metrics, defined once and imported where they are counted.
+
+Served by `GET /metrics` (or on `METRICS_PORT`). Labels never carry user data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_ACCEPTED = Counter(
+    "herald_events_accepted_total", "Events accepted by the ingest API and queued", ["queue"]
+)
+EVENTS_PROCESSED = Counter(
+    "herald_events_processed_total", "Queue messages whose work finished", ["queue"]
+)
+EVENTS_RETRIED = Counter(
+    "herald_events_retried_total", "Queue messages scheduled for another try", ["queue"]
+)
+EVENTS_FAILED = Counter(
+    "herald_events_failed_total", "Queue messages given up on (dead-lettered)", ["queue"]
+)
+DEAD_LETTERS = Counter(
+    "herald_dead_letters_total", "Rows written to the dead-letter store", ["kind"]
+)
+ACTOR_RESTARTS = Counter(
+    "herald_actor_restarts_total", "Supervised actors restarted after a crash", ["actor"]
+)
+PENDING_EMAIL_USERS = Gauge(
+    "herald_pending_email_users", "Users with an open email batch in this process"
+)
+EMAILS_SENT = Counter("herald_emails_sent_total", "Digest emails handed to SMTP or the outbox")
+EMAIL_SEND_LATENESS = Histogram(
+    "herald_email_send_lateness_seconds",
+    "Time from a batch's deadline to its emails being sent",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+)
+PUSHES = Counter(
+    "herald_pushes_total", "Push sends by provider and outcome", ["provider", "outcome"]
+)
+PUSH_LATENCY = Histogram(
+    "herald_push_latency_seconds",
+    "Time a provider took to answer one push",
+    ["provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -1,0 +1,287 @@
+"""herald's state: peewee models and database setup.
+
+SQLite (WAL) is the embedded default; PostgreSQL is for production. Every model binds
+to `db`, a `DatabaseProxy` that `open_database()` points at the real database. The
+schema is created and changed by the migrations in `migrations/`, never by
+`create_tables` on a live database: `migrate()` applies them at start and from
+`python supervisor.py migrate`.
+
+Times are stored as Unix seconds (floats): the same on both databases, and what the
+actors compare with `time.time()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import peewee as pw
+from playhouse.pool import PooledPostgresqlDatabase
+
+logger = logging.getLogger("herald.models")
+
+db = pw.DatabaseProxy()
+
+# Where the migration files live; peewee-migrate records what ran in `migratehistory`.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# How long SQLite waits for the single writer's lock before giving up (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Largest number of PostgreSQL connections one process keeps.
+PG_MAX_CONNECTIONS = 64
+# Key of the PostgreSQL advisory lock that serialises migrations across processes.
+MIGRATION_LOCK_KEY = 0x4E52_4C44
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    """A chat user herald may notify, with their notification settings."""
+
+    id = pw.BigIntegerField(primary_key=True)
+    email = pw.CharField(max_length=254)
+    full_name = pw.CharField(max_length=200)
+    email_batching_period_seconds = pw.IntegerField(default=120)
+    enable_offline_email_notifications = pw.BooleanField(default=True)
+    enable_offline_push_notifications = pw.BooleanField(default=True)
+    realm_name = pw.CharField(max_length=200, default="")
+    realm_url = pw.CharField(max_length=500, default="")
+    is_bot = pw.BooleanField(default=False)
+    # Stable id for the push bouncer, which never sees our integer ids alone.
+    uuid = pw.CharField(max_length=36, default=lambda: str(uuid.uuid4()))
+    created_at = pw.DoubleField(default=time.time)
+    updated_at = pw.DoubleField(default=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.id,
+            "email": self.email,
+            "full_name": self.full_name,
+            "email_batching_period_seconds": self.email_batching_period_seconds,
+            "enable_offline_email_notifications": self.enable_offline_email_notifications,
+            "enable_offline_push_notifications": self.enable_offline_push_notifications,
+            "realm_name": self.realm_name,
+            "realm_url": self.realm_url,
+            "is_bot": self.is_bot,
+        }
+
+
+class Message(BaseModel):
+    """A snapshot of a chat message as the events carried it (JSON of `events.Message`)."""
+
+    id = pw.BigIntegerField(primary_key=True)
+    data = pw.TextField()
+    deleted = pw.BooleanField(default=False)
+    created_at = pw.DoubleField(default=time.time)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.data)  # type: ignore[no-any-return]
+
+
+class UserMessage(BaseModel):
+    """Per-user flags of one message: read, and whether a push for it is on the device."""
+
+    user_id = pw.BigIntegerField()
+    message_id = pw.BigIntegerField()
+    read = pw.BooleanField(default=False)
+    active_push = pw.BooleanField(default=False)
+
+    class Meta:
+        indexes = ((("user_id", "message_id"), True),)
+
+
+class PushDevice(BaseModel):
+    """A phone that can receive pushes: APNs or FCM token, unique per user."""
+
+    user_id = pw.BigIntegerField(index=True)
+    kind = pw.CharField(max_length=8)
+    token = pw.CharField(max_length=4096)
+    ios_app_id = pw.CharField(max_length=255, null=True)
+    created_at = pw.DoubleField(default=time.time)
+
+    class Meta:
+        indexes = ((("user_id", "kind", "token"), True),)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "token": self.token, "ios_app_id": self.ios_app_id}
+
+
+class PushReceipt(BaseModel):
+    """A device accepted this push: a retry of the same event skips it."""
+
+    user_id = pw.BigIntegerField()
+    message_id = pw.BigIntegerField()
+    device_id = pw.BigIntegerField()
+    event = pw.CharField(max_length=16)
+    created_at = pw.DoubleField(default=time.time)
+
+    class Meta:
+        indexes = ((("user_id", "message_id", "device_id", "event"), True),)
+
+
+class ScheduledMessageNotificationEmail(BaseModel):
+    """One message waiting in a user's email batch until `scheduled_timestamp`.
+
+    All rows of one open window share one deadline. A flush claims rows by setting
+    `claimed_by` / `claimed_until` (a lease), sends, then deletes them; a lease that
+    runs out (the worker died) makes the rows pending again.
+    """
+
+    user_id = pw.BigIntegerField()
+    message_id = pw.BigIntegerField()
+    trigger = pw.CharField(max_length=64)
+    mentioned_user_group_id = pw.BigIntegerField(null=True)
+    mentioned_user_group_name = pw.CharField(max_length=200, null=True)
+    scheduled_timestamp = pw.DoubleField()
+    claimed_by = pw.CharField(max_length=64, null=True)
+    claimed_until = pw.DoubleField(null=True)
+    attempts = pw.IntegerField(default=0)
+    created_at = pw.DoubleField(default=time.time)
+
+    class Meta:
+        table_name = "scheduled_message_notification_email"
+        indexes = (
+            (("user_id", "message_id"), True),
+            (("scheduled_timestamp",), False),
+        )
+
+
+class DeadLetter(BaseModel):
+    """Work herald gave up on, with why, so an operator can look and replay."""
+
+    kind = pw.CharField(max_length=32)
+    queue = pw.CharField(max_length=64, null=True)
+    reason = pw.TextField()
+    payload = pw.TextField()
+    attempts = pw.IntegerField(default=0)
+    user_id = pw.BigIntegerField(null=True, index=True)
+    created_at = pw.DoubleField(default=time.time, index=True)
+    replayed_at = pw.DoubleField(null=True)
+
+    def as_dict(self, *, with_payload: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "queue": self.queue,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "user_id": self.user_id,
+            "created_at": self.created_at,
+            "replayed_at": self.replayed_at,
+        }
+        if with_payload:
+            out["payload"] = json.loads(self.payload)
+        return out
+
+
+class IdempotencyKey(BaseModel):
+    """A POST already answered: the same key within the TTL gets the same answer."""
+
+    key = pw.CharField(max_length=300, primary_key=True)
+    request_hash = pw.CharField(max_length=64)
+    status = pw.IntegerField()
+    body = pw.TextField()
+    created_at = pw.DoubleField(default=time.time, index=True)
+
+
+ALL_MODELS: list[type[BaseModel]] = [
+    User,
+    Message,
+    UserMessage,
+    PushDevice,
+    PushReceipt,
+    ScheduledMessageNotificationEmail,
+    DeadLetter,
+    IdempotencyKey,
+]
+
+
+def make_database(url: str) -> pw.Database:
+    """Build (without connecting) the peewee database for a `DATABASE_URL`.
+
+    `sqlite:///relative.db` and `sqlite:////absolute.db` open SQLite in WAL mode;
+    `postgresql://user:pass@host:port/name` opens a connection pool. A `?schema=NAME`
+    query on a PostgreSQL URL sets the search path (used to isolate test runs).
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = unquote(url[len("sqlite:///") :]) or ":memory:"
+        return pw.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+            },
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+    if parts.scheme in ("postgresql", "postgres"):
+        query = parse_qs(parts.query)
+        kwargs: dict[str, Any] = {
+            "host": parts.hostname or "127.0.0.1",
+            "port": parts.port or 5432,
+            "user": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        schema = query.get("schema", [None])[0]
+        if schema:
+            kwargs["options"] = f"-c search_path={schema}"
+        return PooledPostgresqlDatabase(
+            parts.path.lstrip("/") or "postgres",
+            max_connections=PG_MAX_CONNECTIONS,
+            stale_timeout=300,
+            timeout=30,
+            autorollback=True,
+            **{k: v for k, v in kwargs.items() if v is not None},
+        )
+    raise ValueError(f"unsupported DATABASE_URL scheme: {parts.scheme}")
+
+
+def open_database(url: str) -> pw.Database:
+    """Point `db` at the database for `url` and return it."""
+    database = make_database(url)
+    db.initialize(database)
+    return database
+
+
+def is_postgres() -> bool:
+    return isinstance(db.obj, pw.PostgresqlDatabase)
+
+
+def migrate(database: pw.Database | None = None) -> list[str]:
+    """Apply every pending migration; return the names applied.
+
+    On PostgreSQL an advisory lock makes concurrent starts of several workers safe.
+    """
+    from peewee_migrate import Router
+
+    database = database or db.obj
+    assert database is not None, "open_database() first"
+    router = Router(database, migrate_dir=str(MIGRATIONS_DIR), logger=logger)
+    with database.connection_context():
+        if isinstance(database, pw.PostgresqlDatabase):
+            database.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            todo = router.diff
+            if todo:
+                router.run()
+            return list(todo)
+        finally:
+            if isinstance(database, pw.PostgresqlDatabase):
+                database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+def ping() -> None:
+    """Run a trivial query; raises if the database is unreachable."""
+    db.execute_sql("SELECT 1").fetchone()

@@ -1,0 +1,315 @@
+"""Push payloads as a user's phone shows them, and the HTML-to-text rules behind the body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from events import MessageEvent
+from rendering.push import (
+    APNS_EXPIRATION_SECONDS,
+    MAX_REMOVE_IDS,
+    Recipient,
+    apns_payload,
+    apns_remove_payload,
+    fcm_data,
+    fcm_remove_data,
+    push_subtitle,
+    push_title,
+)
+from rendering.text import html_to_text, truncate
+
+ME = Recipient(
+    user_id=7,
+    email="grace@example.com",
+    full_name="Grace",
+    realm_name="Acme",
+    realm_url="https://chat.acme.test",
+)
+
+
+def event(
+    trigger: str = "mentioned",
+    *,
+    kind: str = "stream",
+    html: str = "<p>Hello</p>",
+    group: str | None = None,
+    **message: Any,
+) -> MessageEvent:
+    body: dict[str, Any] = {
+        "id": 1001,
+        "sender_id": 3,
+        "sender_full_name": "Ada",
+        "sender_email": "ada@example.com",
+        "content_html": html,
+        "date_sent": 1_700_000_000,
+    }
+    if kind == "stream":
+        body.update(recipient_type="stream", stream="design", stream_id=12, topic="logo")
+    elif kind == "dm":
+        body.update(recipient_type="private")
+    else:
+        body.update(
+            recipient_type="private",
+            pm_users=[
+                {"id": 3, "full_name": "Ada"},
+                {"id": 7, "full_name": "Grace"},
+                {"id": 9, "full_name": "Cy"},
+                {"id": 5, "full_name": "Bob"},
+            ],
+        )
+    body.update(message)
+    return MessageEvent.model_validate(
+        {
+            "type": "message",
+            "user_id": ME.user_id,
+            "trigger": trigger,
+            "mentioned_user_group_id": 40 if group else None,
+            "mentioned_user_group_name": group,
+            "message": body,
+        }
+    )
+
+
+# ----------------------------------------------------------------- titles, subtitles
+
+
+def test_titles_per_conversation_type() -> None:
+    assert push_title(event(kind="stream")) == "#design > logo"
+    assert push_title(event("direct_message", kind="dm")) == "Ada"
+    # The other participants, sorted; never the recipient's own name.
+    assert push_title(event("direct_message", kind="group")) == "Ada, Bob, Cy"
+
+
+@pytest.mark.parametrize(
+    ("trigger", "group", "expected"),
+    [
+        ("mentioned", None, "Ada mentioned you:"),
+        ("mentioned", "designers", "Ada mentioned @designers:"),
+        ("topic_wildcard_mentioned", None, "Ada mentioned everyone:"),
+        ("stream_wildcard_mentioned", None, "Ada mentioned everyone:"),
+        ("topic_wildcard_mentioned_in_followed_topic", None, "Ada mentioned everyone:"),
+        ("stream_wildcard_mentioned_in_followed_topic", None, "Ada mentioned everyone:"),
+        ("followed_topic_push_notify", None, "Ada:"),
+        ("stream_push_notify", None, "Ada:"),
+    ],
+)
+def test_stream_subtitles_per_trigger(trigger: str, group: str | None, expected: str) -> None:
+    assert push_subtitle(event(trigger, group=group)) == expected
+
+
+def test_dm_subtitles() -> None:
+    assert push_subtitle(event("direct_message", kind="dm")) == ""
+    assert push_subtitle(event("direct_message", kind="group")) == "Ada:"
+    assert push_subtitle(event("mentioned", kind="group")) == "Ada mentioned you:"
+    # A mention still says so inside a 1:1 DM.
+    assert push_subtitle(event("mentioned", kind="dm")) == "Ada mentioned you:"
+
+
+def test_group_dm_of_two_is_shown_as_a_1to1_dm() -> None:
+    two = event(
+        "direct_message",
+        kind="group",
+        pm_users=[{"id": 3, "full_name": "Ada"}, {"id": 7, "full_name": "Grace"}],
+    )
+    assert push_title(two) == "Ada"
+    assert push_subtitle(two) == ""
+    assert "pm_users" not in fcm_data(ME, two)
+
+
+# ------------------------------------------------------------------------- payloads
+
+
+def test_apns_payload_shape() -> None:
+    payload = apns_payload(ME, event(html="<p>Look at <strong>this</strong></p>"))
+    assert payload["aps"] == {
+        "alert": {
+            "title": "#design > logo",
+            "subtitle": "Ada mentioned you:",
+            "body": "Look at this",
+        },
+        "sound": "default",
+        "badge": 0,
+    }
+    zulip = payload["zulip"]
+    assert zulip["event"] == "message"
+    assert zulip["server"] == "chat.acme.test"
+    assert zulip["realm_url"] == "https://chat.acme.test"
+    assert zulip["realm_name"] == "Acme"
+    assert zulip["user_id"] == 7
+    assert zulip["sender_id"] == 3
+    assert zulip["sender_email"] == "ada@example.com"
+    assert zulip["sender_full_name"] == "Ada"
+    assert zulip["time"] == 1_700_000_000
+    assert zulip["recipient_type"] == "stream"
+    assert (zulip["stream"], zulip["stream_id"], zulip["topic"]) == ("design", 12, "logo")
+    assert zulip["zulip_message_id"] == 1001
+    assert zulip["content"] == "Look at this"
+    assert zulip["content_truncated"] is False
+    assert "pm_users" not in zulip
+    assert "mentioned_user_group_id" not in zulip
+    json.dumps(payload)  # serialisable as is
+    assert APNS_EXPIRATION_SECONDS == 24 * 3600
+
+
+def test_server_keeps_a_port_and_drops_credentials() -> None:
+    recipient = Recipient(7, "g@x.test", "Grace", "Acme", "https://u:p@chat.acme.test:8443/")
+    assert apns_payload(recipient, event())["zulip"]["server"] == "chat.acme.test:8443"
+
+
+def test_group_dm_payload_lists_every_participant() -> None:
+    data = fcm_data(ME, event("direct_message", kind="group"))
+    assert data["recipient_type"] == "private"
+    assert data["pm_users"] == "3,5,7,9"
+    assert "stream" not in data
+    assert "topic" not in data
+
+
+def test_group_mention_keys() -> None:
+    data = fcm_data(ME, event("mentioned", group="designers"))
+    assert data["mentioned_user_group_id"] == "40"
+    assert data["mentioned_user_group_name"] == "designers"
+
+
+def test_fcm_data_values_are_all_strings() -> None:
+    long_html = "<p>" + "x" * 300 + "</p>"
+    for ev in (
+        event(),
+        event("direct_message", kind="dm"),
+        event("direct_message", kind="group", html=long_html),
+        event("mentioned", group="g"),
+    ):
+        data = fcm_data(ME, ev)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()), data
+        assert "None" not in data.values()
+    data = fcm_data(ME, event(html=long_html))
+    assert data["event"] == "message"
+    assert data["user_id"] == "7"
+    assert data["time"] == "1700000000"
+    assert data["zulip_message_id"] == "1001"
+    assert data["content_truncated"] == "True"
+    assert fcm_data(ME, event())["content_truncated"] == "False"
+
+
+def test_body_is_cut_at_exactly_200_characters_plus_ellipsis() -> None:
+    text = "".join(str(i % 10) for i in range(250))
+    payload = apns_payload(ME, event(html=f"<p>{text}</p>"))
+    body = payload["aps"]["alert"]["body"]
+    assert body == text[:200] + "…"
+    assert len(body) == 201
+    assert payload["zulip"]["content"] == body
+    assert payload["zulip"]["content_truncated"] is True
+
+    exact = "y" * 200
+    payload = apns_payload(ME, event(html=f"<p>{exact}</p>"))
+    assert payload["aps"]["alert"]["body"] == exact
+    assert payload["zulip"]["content_truncated"] is False
+
+
+def test_redacted_content() -> None:
+    ev = event(html="<p>the launch code is 1234</p>")
+    payload = apns_payload(ME, ev, redact=True)
+    assert payload["aps"]["alert"]["body"] == "New message"
+    assert payload["zulip"]["content"] == "New message"
+    assert fcm_data(ME, ev, redact=True)["content"] == "New message"
+    assert "1234" not in json.dumps(payload)
+
+
+def test_remove_payloads_keep_the_newest_200_ids() -> None:
+    ids = list(range(1, 451))
+    apns = apns_remove_payload(ME, list(reversed(ids)))
+    assert apns["aps"] == {"badge": 0}
+    assert apns["zulip"]["event"] == "remove"
+    kept = [int(i) for i in apns["zulip"]["zulip_message_ids"].split(",")]
+    assert kept == list(range(251, 451))
+    assert len(kept) == MAX_REMOVE_IDS
+    assert apns["zulip"]["server"] == "chat.acme.test"
+    assert apns["zulip"]["user_id"] == 7
+
+    fcm = fcm_remove_data(ME, ids)
+    assert fcm["event"] == "remove"
+    assert fcm["zulip_message_ids"] == apns["zulip"]["zulip_message_ids"]
+    assert all(isinstance(v, str) for v in fcm.values())
+
+
+def test_small_remove_payload_and_empty_list() -> None:
+    assert apns_remove_payload(ME, [3, 1, 2, 2])["zulip"]["zulip_message_ids"] == "1,2,3"
+    assert fcm_remove_data(ME, [5])["zulip_message_ids"] == "5"
+    with pytest.raises(ValueError):
+        apns_remove_payload(ME, [])
+
+
+# ------------------------------------------------------------------- html_to_text
+
+
+def test_mentions_read_as_their_text() -> None:
+    html = (
+        '<p>Hi <span class="user-mention" data-user-id="3">@Ada</span> and '
+        '<span class="user-group-mention" data-user-group-id="4">@designers</span>!</p>'
+    )
+    assert html_to_text(html) == "Hi @Ada and @designers!"
+
+
+def test_emoji_become_names() -> None:
+    html = (
+        '<p>Ship it <span aria-label="rocket" class="emoji emoji-1f680" role="img" '
+        'title="rocket">:rocket:</span> <img alt=":parrot:" class="emoji" '
+        'src="/user_avatars/1/emoji/parrot.png" title="parrot"> '
+        '<span class="emoji emoji-1f44d" title="thumbs up"></span></p>'
+    )
+    assert html_to_text(html) == "Ship it :rocket: :parrot: :thumbs_up:"
+
+
+def test_images_read_as_alt_text_and_links_as_text() -> None:
+    html = (
+        '<p>See <a href="https://x.test/d">the   design\n doc</a> '
+        '<img src="d.png" alt="diagram"></p>'
+    )
+    assert html_to_text(html) == "See the design doc diagram"
+
+
+def test_blockquote_lines_are_prefixed() -> None:
+    html = "<blockquote><p>first line</p><p>second</p></blockquote><p>my reply</p>"
+    assert html_to_text(html) == "> first line\n> second\nmy reply"
+
+
+def test_nested_lists() -> None:
+    html = (
+        "<ul><li>fruit<ul><li>apple</li><li>pear</li></ul></li><li>bread</li></ul>"
+        "<ol start='3'><li>third</li><li>fourth</li></ol>"
+    )
+    assert html_to_text(html) == "- fruit\n  - apple\n  - pear\n- bread\n3. third\n4. fourth"
+
+
+def test_code_blocks_keep_their_layout() -> None:
+    html = (
+        '<div class="codehilite"><pre><span></span>'
+        "<code>def f():\n    return  1\n</code></pre></div>"
+    )
+    assert html_to_text(html) == "def f():\n    return  1"
+
+
+def test_script_and_style_are_dropped() -> None:
+    html = "<p>safe</p><script>alert('x')</script><style>p { color: red }</style><!-- note -->"
+    assert html_to_text(html) == "safe"
+
+
+def test_paragraphs_and_breaks_become_lines() -> None:
+    assert html_to_text("<p>one</p>\n\n<p>two<br>three</p>") == "one\ntwo\nthree"
+
+
+def test_spoiler_content_stays_hidden() -> None:
+    html = (
+        '<div class="spoiler-block"><div class="spoiler-header"><p>Ending</p></div>'
+        '<div class="spoiler-content"><p>they win</p></div></div>'
+    )
+    assert html_to_text(html) == "Ending (…)"
+
+
+def test_truncate() -> None:
+    assert truncate("short") == ("short", False)
+    assert truncate("a" * 200) == ("a" * 200, False)
+    assert truncate("a" * 201) == ("a" * 200 + "…", True)
+    assert truncate("abcdef", limit=3) == ("abc…", True)
