@@ -43,6 +43,7 @@ Trigger = Literal[
     "stream_email_notify",
 ]
 Channel = Literal["push", "email"]
+_ALL_CHANNELS: tuple[Channel, ...] = ("push", "email")
 
 
 class _Strict(BaseModel):
@@ -98,7 +99,7 @@ class MessageEvent(_Strict):
     type: Literal["message"]
     user_id: Id
     trigger: Trigger
-    channels: list[Channel] = Field(default_factory=lambda: ["push", "email"], min_length=1)
+    channels: list[Channel] = Field(default_factory=lambda: list(_ALL_CHANNELS), min_length=1)
     mentioned_user_group_id: Id | None = None
     mentioned_user_group_name: str | None = Field(None, max_length=200)
     message: Message

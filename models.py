@@ -90,6 +90,8 @@ class Message(BaseModel):
 class UserMessage(BaseModel):
     """Per-user flags of one message: read, and whether a push for it is on the device."""
 
+    id = pw.AutoField()
+
     user_id = pw.BigIntegerField()
     message_id = pw.BigIntegerField()
     read = pw.BooleanField(default=False)
@@ -101,6 +103,8 @@ class UserMessage(BaseModel):
 
 class PushDevice(BaseModel):
     """A phone that can receive pushes: APNs or FCM token, unique per user."""
+
+    id = pw.AutoField()
 
     user_id = pw.BigIntegerField(index=True)
     kind = pw.CharField(max_length=8)
@@ -117,6 +121,8 @@ class PushDevice(BaseModel):
 
 class PushReceipt(BaseModel):
     """A device accepted this push: a retry of the same event skips it."""
+
+    id = pw.AutoField()
 
     user_id = pw.BigIntegerField()
     message_id = pw.BigIntegerField()
@@ -135,6 +141,8 @@ class ScheduledMessageNotificationEmail(BaseModel):
     `claimed_by` / `claimed_until` (a lease), sends, then deletes them; a lease that
     runs out (the worker died) makes the rows pending again.
     """
+
+    id = pw.AutoField()
 
     user_id = pw.BigIntegerField()
     message_id = pw.BigIntegerField()
@@ -157,6 +165,8 @@ class ScheduledMessageNotificationEmail(BaseModel):
 
 class DeadLetter(BaseModel):
     """Work herald gave up on, with why, so an operator can look and replay."""
+
+    id = pw.AutoField()
 
     kind = pw.CharField(max_length=32)
     queue = pw.CharField(max_length=64, null=True)

@@ -220,5 +220,6 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
         if where is None and ":" in message:
             raise ConfigError(message) from None
         got = error.get("input")
-        shown = f" (got {got!r})" if where and isinstance(got, str) and not where.endswith(("KEY", "KEYS", "URL")) else ""
+        secret = where is not None and where.endswith(("KEY", "KEYS", "URL"))
+        shown = f" (got {got!r})" if where and isinstance(got, str) and not secret else ""
         raise ConfigError(f"{where or 'configuration'}: {message}{shown}") from None

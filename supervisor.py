@@ -216,10 +216,11 @@ def _dead_letters(settings: Any, args: argparse.Namespace) -> int:
             print(f"{row.id:>6}  {when}  {row.kind:<14} {row.queue or '-':<14} "
                   f"tries={row.attempts:<3} {row.reason[:80]}{replayed}")
         return 0
-    row = dead_letters.get_dead_letter(args.id)
-    if row is None:
+    found = dead_letters.get_dead_letter(args.id)
+    if found is None:
         print(f"herald: no dead letter {args.id}", file=sys.stderr)
         return 1
+    row = found
     if args.action == "show":
         print(json.dumps(row.as_dict(with_payload=True), indent=2, sort_keys=True))
         return 0

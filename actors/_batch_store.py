@@ -21,11 +21,13 @@ from events import Message as MessageData
 from events import MessageEvent
 from models import (
     Message,
-    ScheduledMessageNotificationEmail as Row,
     User,
     UserMessage,
     db,
     is_postgres,
+)
+from models import (
+    ScheduledMessageNotificationEmail as Row,
 )
 
 # A flush's claim on its rows lasts this long; a worker that died mid-send lets go then.
@@ -214,7 +216,7 @@ def pending_users(now: float | None = None) -> list[tuple[int, float]]:
         .group_by(Row.user_id)
         .tuples()
     )
-    return [(int(u), float(d)) for u, d in query]
+    return [(int(row[0]), float(row[1])) for row in query]  # type: ignore[index]
 
 
 def rows_as_payload(rows: list[Row]) -> list[dict[str, Any]]:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pykka
+from dramatiq.common import compute_backoff
 
 from actors import _batch_store as store
 from actors._mail import MailDispatcher, SendOutcome
 from actors.runtime import PooledActor, TimerHandle, TimerWheel
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
-from dramatiq.common import compute_backoff
 from events import MessageEvent
 from intake import dead_letters
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
@@ -102,7 +102,12 @@ class _Sweep:
 
 @dataclass(frozen=True)
 class PendingCount:
-    pass
+    """Ask the BatchRouter how many users have an open batch in this process."""
+
+
+@dataclass(frozen=True)
+class ChildUrns:
+    """Ask the BatchRouter for {user_id: actor urn} of its live UserBatchActors."""
 
 
 # Shared context ---------------------------------------------------------------------
@@ -343,6 +348,8 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
             self._schedule_sweep()
         elif isinstance(message, PendingCount):
             return len(self._children)
+        elif isinstance(message, ChildUrns):
+            return {user: entry[0].actor_urn for user, entry in self._children.items()}
         return None
 
     def _route(self, user_id: int, message: Any) -> pykka.Future[Any]:

@@ -45,7 +45,12 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, PushWork):
-            self.handle(message)
+            try:
+                self.handle(message)
+            except BaseException:
+                # Fail the waiting consumer at once (it retries later), then crash.
+                message.reply.set_exception()
+                raise
         return None
 
     def handle(self, work: PushWork) -> None:

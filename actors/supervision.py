@@ -108,7 +108,7 @@ class SupervisedMixin:
             except pykka.ActorDeadError:
                 pass
 
-    def on_crash(self) -> None:  # noqa: B027 - optional hook
+    def on_crash(self) -> None:
         """Release resources held by the crashed child (runs on its thread)."""
 
 

@@ -237,7 +237,7 @@ class ActorTree:
         if routers.batch is None:
             return 0
         try:
-            return int(routers.batch.ask(PendingCount(), timeout=5))
+            return int(routers.batch.ask(PendingCount(), timeout=5))  # type: ignore[arg-type]
         except (pykka.ActorDeadError, pykka.Timeout):
             return 0
 

@@ -20,8 +20,9 @@ Parameters of ``ApnsSender`` (all keyword-only):
   timeout: seconds to wait for one answer; aioapns has no response timeout.
   max_connections: size of the connection pool.
 
-What aioapns does not do, and how this module fills the gaps (all through one small
-subclass of aioapns' protocol class, installed on ``client.pool.protocol_class``):
+What aioapns does not do, and how this module fills the gaps (all in one subclass of
+aioapns' protocol class, installed on ``client.pool.protocol_class``; aioapns itself is
+used unmodified):
 
 * Endpoint: aioapns takes no host argument; the subclass sets ``APNS_SERVER`` and
   ``APNS_PORT``.
@@ -36,11 +37,14 @@ subclass of aioapns' protocol class, installed on ``client.pool.protocol_class``
   token older than 60 minutes) and earning ``TooManyProviderTokenUpdates``. The
   subclass replaces the per-connection provider with one shared by all connections of
   a sender, refreshed every ``JWT_REFRESH_SECONDS`` (40 minutes).
+* Flow control: when a request body does not fit the connection's window, h2 raises
+  and aioapns strands the half-sent stream, sleeps a second and resends; the subclass
+  gives its h2 connection a queue for such bodies instead.
 * Answers without a ``reason`` body (a bare 5xx from a proxy, say) leave aioapns
   waiting forever; the subclass completes them when their stream ends. It also
   returns flow-control credit for response bodies (aioapns never does, so enough
-  error bodies would stall a connection) and drops answers that arrive after the
-  caller has given up.
+  error bodies would stall a connection), resets the stream of a send that timed out
+  (freeing its channel) and ignores answers that arrive after the caller gave up.
 
 Never logged: device tokens, keys, provider tokens, payload content.
 """
@@ -48,6 +52,7 @@ Never logged: device tokens, keys, provider tokens, payload content.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import json
 import logging
@@ -64,6 +69,8 @@ from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 
 from delivery.outcomes import Outcome, SendResult
@@ -164,6 +171,46 @@ class ProviderToken(AuthorizationHeaderProvider):
             self._header = None
 
 
+class _FlowControlledH2Connection(H2Connection):
+    """An h2 client connection that queues DATA the peer's window cannot take yet.
+
+    aioapns sends a request's HEADERS, then its DATA; when the connection's
+    flow-control window is too small for the DATA, h2 raises ``FlowControlError`` and
+    aioapns abandons the half-sent stream (holding one of its channels for good),
+    sleeps a second and sends again. A burst of a few hundred pushes on a fresh
+    connection (64 KiB window) hits that. Queued DATA goes out as WINDOW_UPDATEs arrive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (stream id, body, end_stream) waiting for window, oldest first.
+        self.backlog: collections.deque[tuple[int, bytes, bool]] = collections.deque()
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: Any = None,
+    ) -> None:
+        if self.backlog or len(data) > self.local_flow_control_window(stream_id):
+            self.backlog.append((stream_id, bytes(data), end_stream))
+            return
+        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+
+    def send_backlog(self) -> None:
+        """Send as much queued DATA as the windows allow, in order."""
+        while self.backlog:
+            stream_id, data, end_stream = self.backlog[0]
+            try:
+                if len(data) > self.local_flow_control_window(stream_id):
+                    return
+                super().send_data(stream_id, data, end_stream=end_stream)
+            except H2Error:
+                pass  # the stream is gone (reset by the server): drop its body
+            self.backlog.popleft()
+
+
 class _HeraldProtocol(APNsTLSClientProtocol):
     """aioapns' TLS protocol with herald's fixes; bound to one sender by `_bind_protocol`."""
 
@@ -184,6 +231,41 @@ class _HeraldProtocol(APNsTLSClientProtocol):
         if auth_provider is not None and self.shared_auth is not None:
             auth_provider = self.shared_auth
         super().__init__(apns_topic, loop, on_connection_lost, auth_provider)
+        self._h2 = _FlowControlledH2Connection()
+        self.conn = self._h2
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._h2.backlog:
+            # WINDOW_UPDATE frames may have opened the window for queued bodies.
+            self._h2.send_backlog()
+            self.flush()
+
+    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        try:
+            return await super().send_notification(request)
+        except asyncio.CancelledError:
+            # The caller timed out: reset the stream so its channel is not held until
+            # (or, from a hung server, beyond) the late answer.
+            self._abandon(request.notification_id)
+            raise
+
+    def _abandon(self, notification_id: str) -> None:
+        stream_id = next(
+            (sid for sid, nid in self.request_streams.items() if nid == notification_id), None
+        )
+        if stream_id is None:
+            return  # never sent (still waiting for a channel) or already answered
+        del self.request_streams[stream_id]
+        self._forget(notification_id)
+        try:
+            self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+        except H2Error:
+            return
+        self.free_channels.release()
+        self._h2.send_backlog()  # its queued body, if any, may have been holding the line
+        if self.transport is not None and not self.transport.is_closing():
+            self.flush()
 
     def _forget(self, notification_id: str) -> None:
         self.requests.pop(notification_id, None)

@@ -29,6 +29,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,6 +64,14 @@ TRANSIENT_ERROR_CODES = frozenset(
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429})
 # Longest provider message kept in a result's reason.
 MAX_REASON_MESSAGE_CHARS = 200
+
+# firebase-admin 7.7 marks Message.token deprecated in favour of Message.fid (Firebase
+# installation IDs). The devices herald knows register FCM registration tokens, which FCM
+# v1 still takes as `message.token`, so the token field stays; only that one warning is
+# silenced (a process-wide filter, because warnings.catch_warnings is not thread-safe).
+warnings.filterwarnings(
+    "ignore", message=r"Message\.token is deprecated", category=DeprecationWarning
+)
 
 # Serialises the short window in which the class-level FCM_URL is swapped.
 _SERVICE_SETUP_LOCK = threading.Lock()
@@ -175,8 +184,7 @@ class FcmSender:
         for start in range(0, len(tokens), MAX_BATCH_SIZE):
             chunk = tokens[start : start + MAX_BATCH_SIZE]
             messages = [
-                messaging.Message(token=token, data=dict(data), android=android)
-                for token in chunk
+                messaging.Message(token=token, data=dict(data), android=android) for token in chunk
             ]
             try:
                 batch = await messaging.send_each_async(messages, dry_run=False, app=self._app)
@@ -203,6 +211,7 @@ class FcmSender:
         await asyncio.to_thread(self._delete_app)
 
     def _delete_app(self) -> None:
+        self._auth_request.session.close()
         self._service._client.close()
         firebase_admin.delete_app(self._app)
 

@@ -46,7 +46,6 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
 
 def ping(broker: dramatiq.Broker) -> None:
     """Raise if the broker cannot be reached."""
-    if isinstance(broker, RabbitmqBroker):
-        # Opening (or reusing) this thread's channel proves the connection works.
-        if not broker.channel.is_open:
-            raise ConnectionError("RabbitMQ channel is closed")
+    # Opening (or reusing) this thread's channel proves the connection works.
+    if isinstance(broker, RabbitmqBroker) and not broker.channel.is_open:
+        raise ConnectionError("RabbitMQ channel is closed")

@@ -69,15 +69,10 @@ class Consumers:
         self.shards = shards
         self._handlers: Handlers | None = None
         for shard in range(shards):
-            dramatiq.actor(
-                self._push_consumer(shard),
-                broker=broker,
-                actor_name=push_actor(shard),
-                queue_name=push_queue(shard),
-            )
-        dramatiq.actor(
-            self._consume_email, broker=broker, actor_name=EMAIL_ACTOR, queue_name=EMAIL_QUEUE
-        )
+            dramatiq.actor(broker=broker, actor_name=push_actor(shard),
+                           queue_name=push_queue(shard))(self._push_consumer(shard))
+        dramatiq.actor(broker=broker, actor_name=EMAIL_ACTOR,
+                       queue_name=EMAIL_QUEUE)(self._consume_email)
 
     def attach(self, handlers: Handlers) -> None:
         self._handlers = handlers

@@ -224,6 +224,36 @@ def test_slow_answer_times_out_and_the_connection_survives(fake: FakeApns, key: 
     assert (slow.outcome, slow.reason) == (Outcome.TRANSIENT, "timeout")
     assert after.outcome is Outcome.DELIVERED
     assert fake.connections_total == 1
+    assert fake.streams_reset == 1  # the abandoned stream was cancelled, not left open
+
+
+def test_timeouts_do_not_use_up_the_connections_streams(key: Key) -> None:
+    # A hung server with 5 streams per connection: 10 timeouts in a row must each free
+    # their stream, or the pool would be exhausted and the last send could not go out.
+    server = FakeApns(
+        public_key=key.public_key,
+        key_id=key.key_id,
+        team_id=key.team_id,
+        delay=30.0,
+        max_concurrent_streams=5,
+    )
+    server.start()
+    try:
+
+        async def work(sender: ApnsSender) -> tuple[list[SendResult], SendResult]:
+            hung = [
+                await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD) for _ in range(10)
+            ]
+            server.delay = 0.0
+            return hung, await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)
+
+        hung, last = run_with(make_sender(server, key, timeout=0.1, max_connections=1), work)
+        assert [r.reason for r in hung] == ["timeout"] * 10
+        assert last.outcome is Outcome.DELIVERED
+        assert server.connections_total == 1
+        assert wait_until(lambda: server.streams_reset == 10)
+    finally:
+        server.stop()
 
 
 def test_connection_refused_is_transient(key: Key) -> None:
@@ -264,6 +294,26 @@ def test_concurrent_sends_share_few_connections_and_one_token(fake: FakeApns, ke
     assert sorted(r.token for r in fake.requests) == sorted(tokens)
     assert 1 <= fake.connections_total <= 2
     assert len(fake.provider_tokens) == 1
+
+
+def test_burst_larger_than_the_flow_control_window(fake: FakeApns, key: Key) -> None:
+    # 300 bodies of ~3 KB on one fresh connection: far more than its 64 KiB window.
+    big = {"aps": {"alert": {"body": "x" * 3000}}}
+    tokens = [f"{i:064x}" for i in range(300)]
+
+    async def burst(sender: ApnsSender) -> tuple[list[SendResult], float]:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(sender.send(t, topic=DEVICE_TOPIC, payload=big) for t in tokens)
+        )
+        return results, time.monotonic() - started
+
+    results, elapsed = run_with(make_sender(fake, key, max_connections=1), burst)
+    assert all(r.outcome is Outcome.DELIVERED for r in results)
+    # Each push sent once, whole (no stranded half-sent streams, no resends).
+    assert sorted(r.token for r in fake.requests) == sorted(tokens)
+    assert all(r.body == big for r in fake.requests)
+    assert elapsed < 1.0
 
 
 def test_pool_grows_to_its_cap_when_streams_run_out(key: Key) -> None:

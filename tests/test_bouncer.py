@@ -130,12 +130,8 @@ def test_register_notify_unregister_round_trip(fake: FakeBouncer) -> None:
     }
 
     async def unregister_both(client: BouncerClient) -> None:
-        await client.unregister(
-            user_id=7, user_uuid=USER_UUID, token=FCM_TOKEN, token_kind="fcm"
-        )
-        await client.unregister(
-            user_id=7, user_uuid=USER_UUID, token=APNS_TOKEN, token_kind="apns"
-        )
+        await client.unregister(user_id=7, user_uuid=USER_UUID, token=FCM_TOKEN, token_kind="fcm")
+        await client.unregister(user_id=7, user_uuid=USER_UUID, token=APNS_TOKEN, token_kind="apns")
 
     run(fake, unregister_both)
     assert fake.devices() == []
@@ -200,8 +196,12 @@ def test_5xx_with_retry_after(fake: FakeBouncer) -> None:
 
 
 def test_rate_limit_is_transient_with_retry_after(fake: FakeBouncer) -> None:
-    fake.fail_next(429, msg="API usage exceeded rate limit", code="RATE_LIMIT_HIT",
-                   headers={"Retry-After": "7"})
+    fake.fail_next(
+        429,
+        msg="API usage exceeded rate limit",
+        code="RATE_LIMIT_HIT",
+        headers={"Retry-After": "7"},
+    )
 
     with pytest.raises(TransientDeliveryError) as caught:
         run(fake, notify())
@@ -268,8 +268,11 @@ def test_invalid_apns_token_is_permanent(fake: FakeBouncer) -> None:
 
 
 def test_scripted_4xx_msg(fake: FakeBouncer) -> None:
-    fake.fail_next(400, msg="Your plan doesn't allow sending push notifications.",
-                   code="PUSH_NOTIFICATIONS_DISALLOWED")
+    fake.fail_next(
+        400,
+        msg="Your plan doesn't allow sending push notifications.",
+        code="PUSH_NOTIFICATIONS_DISALLOWED",
+    )
 
     with pytest.raises(BouncerRequestError) as caught:
         run(fake, notify())
@@ -281,13 +284,11 @@ def test_scripted_4xx_msg(fake: FakeBouncer) -> None:
 @pytest.mark.parametrize("which", ["wrong key", "unknown server"])
 def test_wrong_credentials_are_permanent(fake: FakeBouncer, which: str) -> None:
     fake.add_device(TOKEN_KIND_FCM, FCM_TOKEN, user_uuid=USER_UUID)
-    if which == "wrong key":
-        options = {"api_key": "not-the-key"}
-    else:
-        options = {"server_uuid": "00000000-0000-0000-0000-000000000000"}
-
     with pytest.raises(PermanentDeliveryError) as caught:
-        run(fake, notify(), **options)
+        if which == "wrong key":
+            run(fake, notify(), api_key="not-the-key")
+        else:
+            run(fake, notify(), server_uuid="00000000-0000-0000-0000-000000000000")
 
     error = caught.value
     assert isinstance(error, BouncerRequestError)

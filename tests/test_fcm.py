@@ -55,9 +55,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("priority", ["high", "normal"])
-def test_success_sends_data_and_android_priority(
-    fake: FakeFcm, creds: str, priority: str
-) -> None:
+def test_success_sends_data_and_android_priority(fake: FakeFcm, creds: str, priority: str) -> None:
     result = send(creds, fake.url, "device-1", priority=priority)
 
     assert result.outcome is Outcome.DELIVERED and result.ok
@@ -238,7 +236,7 @@ def test_two_senders_with_different_endpoints_in_one_process(tmp_path: Path) -> 
                 await b.close()
 
         assert all(result.ok for result in asyncio.run(go()))
-        assert sorted(r.token for r in first.sent()) == ["to-first", "to-first-again"]
+        assert sorted(str(r.token) for r in first.sent()) == ["to-first", "to-first-again"]
         assert {r.project for r in first.sent()} == {"first"}
         assert [(r.token, r.project) for r in second.sent()] == [("to-second", "second")]
     finally:
@@ -248,26 +246,26 @@ def test_two_senders_with_different_endpoints_in_one_process(tmp_path: Path) -> 
 
 def test_hundreds_of_concurrent_sends(fake: FakeFcm, creds: str) -> None:
     fake.delay = 0.05
-    tokens = [f"device-{i}" for i in range(600)]
+    tokens = [f"device-{i}" for i in range(300)]
     fake.script("device-7", [(0, "UNREGISTERED", {})])
-    fake.script("device-500", [(0, "UNAVAILABLE", {})])
+    fake.script("device-200", [(0, "UNAVAILABLE", {})])
 
     async def go() -> tuple[list[SendResult], list[SendResult]]:
         async with FcmSender(credentials_file=creds, endpoint=fake.url) as sender:
-            many = await sender.send_many(tokens[:550], data=DATA, priority="high")
+            many = await sender.send_many(tokens[:250], data=DATA, priority="high")
             singles = await asyncio.gather(
-                *(sender.send(t, data=DATA, priority="normal") for t in tokens[550:])
+                *(sender.send(t, data=DATA, priority="normal") for t in tokens[250:])
             )
             return many, list(singles)
 
     many, singles = asyncio.run(go())
 
-    assert len(many) == 550
+    assert len(many) == 250
     assert many[7].outcome is Outcome.INVALID_DEVICE
-    assert many[500].outcome is Outcome.TRANSIENT
-    assert sum(r.ok for r in many) == 548
-    assert all(r.ok for r in singles)
-    assert len(fake.sent()) == 600
+    assert many[200].outcome is Outcome.TRANSIENT
+    assert sum(r.ok for r in many) == 248
+    assert len(singles) == 50 and all(r.ok for r in singles)
+    assert len(fake.sent()) == 300
     assert fake.token_grants == 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
 from intake.broker_names import canonical_queue
@@ -17,7 +18,7 @@ class IntakeMetrics(Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message[Any],
+        message: MessageProxy,
         *,
         result: Any = None,
         exception: BaseException | None = None,

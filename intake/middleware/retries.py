@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.common import compute_backoff
 from dramatiq.middleware import Middleware
 
@@ -49,7 +50,7 @@ class RetryWithBackoff(Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message[Any],
+        message: MessageProxy,
         *,
         result: Any = None,
         exception: BaseException | None = None,
@@ -75,10 +76,10 @@ class RetryWithBackoff(Middleware):
         logger.info("retrying %s on %s in %d ms (try %d): %s", message.message_id, queue, delay,
                     tries + 1, reason[:200])
         EVENTS_RETRIED.labels(queue).inc()
-        broker.enqueue(message, delay=delay)
+        broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
 
     def _dead_letter(
-        self, message: dramatiq.Message[Any], queue: str, reason: str, tries: int
+        self, message: MessageProxy, queue: str, reason: str, tries: int
     ) -> None:
         EVENTS_FAILED.labels(queue).inc()
         payload = {"queue": queue, "actor": message.actor_name, "args": list(message.args),

@@ -248,7 +248,8 @@ class FakeApns:
       max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
 
     Attributes: ``ca_file`` (trust this), ``requests`` (RecordedRequest list),
-    ``connections_total``, ``connections_open``, ``provider_tokens`` (distinct JWTs seen).
+    ``connections_total``, ``connections_open``, ``provider_tokens`` (distinct JWTs seen),
+    ``streams_reset`` (RST_STREAMs received from clients).
     """
 
     def __init__(
@@ -277,6 +278,7 @@ class FakeApns:
         self.connections_total = 0
         self.connections_open = 0
         self.provider_tokens: set[str] = set()
+        self.streams_reset = 0
         self.port = 0
         self._lock = threading.Lock()
         self._scripts: dict[str, collections.deque[Answer]] = {}
@@ -547,6 +549,7 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, StreamEnded):
                 self._request_complete(event.stream_id)
             elif isinstance(event, StreamReset):
+                self.fake.streams_reset += 1
                 self.streams.pop(event.stream_id, None)
                 self.blocked.pop(event.stream_id, None)
             elif isinstance(event, WindowUpdated):

@@ -262,7 +262,9 @@ class FakeBouncer:
             )
         return role, None
 
-    def _record(self, endpoint: str, server: str | None, fields: dict[str, Any], status: int) -> None:
+    def _record(
+        self, endpoint: str, server: str | None, fields: dict[str, Any], status: int
+    ) -> None:
         with self._lock:
             self.requests.append(BouncerRequest(endpoint, server, fields, status))
 
@@ -375,9 +377,7 @@ class FakeBouncer:
         uuuid = user_uuid if isinstance(user_uuid, str) else None
         with self._lock:
             mine = [
-                r
-                for r in self.registrations
-                if r.server_uuid == server and _matches(r, uid, uuuid)
+                r for r in self.registrations if r.server_uuid == server and _matches(r, uid, uuuid)
             ]
             android = [r for r in mine if r.kind == TOKEN_KIND_FCM]
             apple = [r for r in mine if r.kind == TOKEN_KIND_APNS]
@@ -394,11 +394,13 @@ class FakeBouncer:
                 if dead:
                     self.registrations.remove(device)
             still_android = {
-                r.token for r in self.registrations
+                r.token
+                for r in self.registrations
                 if r.server_uuid == server and r.kind == TOKEN_KIND_FCM and _matches(r, uid, uuuid)
             }
             still_apple = {
-                r.token for r in self.registrations
+                r.token
+                for r in self.registrations
                 if r.server_uuid == server and r.kind == TOKEN_KIND_APNS and _matches(r, uid, uuuid)
             }
         self._record(endpoint, server, fields, 200)

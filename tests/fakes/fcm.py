@@ -131,7 +131,7 @@ class LoopbackServer:
             access_log=False,
             lifespan="off",
             backlog=LISTEN_BACKLOG,
-            timeout_graceful_shutdown=2,
+            timeout_graceful_shutdown=1,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
@@ -235,9 +235,7 @@ class FakeFcm:
         app = Starlette(
             routes=[
                 Route("/token", self._token, methods=["POST"]),
-                Route(
-                    "/v1/projects/{project}/messages:send", self._send, methods=["POST"]
-                ),
+                Route("/v1/projects/{project}/messages:send", self._send, methods=["POST"]),
             ]
         )
         self._server = LoopbackServer(app)
@@ -364,8 +362,7 @@ class FakeFcm:
         if account is None:
             return _google_error(
                 401,
-                "Request had invalid authentication credentials. "
-                "Expected OAuth 2 access token.",
+                "Request had invalid authentication credentials. Expected OAuth 2 access token.",
             )
         if account.project_id != project:
             return _google_error(
@@ -394,11 +391,7 @@ class FakeFcm:
         if answer is not None:
             status, code, headers = answer
             status = status or FCM_CODE_STATUS.get(code or "", 500)
-        elif not isinstance(token, str) or not token:
-            status, code, headers = 400, "INVALID_ARGUMENT", {}
-        elif not isinstance(data, dict) or not all(
-            isinstance(key, str) and isinstance(value, str) for key, value in data.items()
-        ):
+        elif not _valid_target(token, data):
             status, code, headers = 400, "INVALID_ARGUMENT", {}
         else:
             status, code, headers = 200, None, {}
@@ -419,6 +412,16 @@ class FakeFcm:
         if code is None:
             return _google_error(status, "Request failed.", headers)
         return _fcm_error(status, code, FCM_CODE_MESSAGE.get(code, code), headers)
+
+
+def _valid_target(token: object, data: object) -> bool:
+    """A non-empty device token and string-to-string data, as FCM requires."""
+    return (
+        isinstance(token, str)
+        and bool(token)
+        and isinstance(data, dict)
+        and all(isinstance(key, str) and isinstance(value, str) for key, value in data.items())
+    )
 
 
 def _google_error(

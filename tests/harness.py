@@ -1,0 +1,259 @@
+"""Running herald in tests: in-process (fast) and as a real subprocess (kill tests).
+
+Backends: "embedded" is SQLite + the in-process broker; "production" is PostgreSQL
+(a schema of its own) + RabbitMQ (a vhost of its own), so tests never see each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+RABBIT_HOST = "127.0.0.1"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_up(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def require_service(name: str, port: int) -> None:
+    """Fail under CI, skip elsewhere, when a real service the test needs is missing."""
+    import pytest
+
+    if service_up(port):
+        return
+    message = f"{name} is not running on 127.0.0.1:{port}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: tests that need it must not skip)")
+    pytest.skip(f"{message}; start it to run this test")
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema; yields a DATABASE_URL pointing at it."""
+    require_service("PostgreSQL", 5432)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {name}")
+    try:
+        yield f"{PG_ADMIN_URL}?schema={name}"
+    finally:
+        with contextlib.suppress(Exception):
+            conn.cursor().execute(f"DROP SCHEMA {name} CASCADE")
+        conn.close()
+
+
+@contextlib.contextmanager
+def rabbit_vhost() -> Iterator[str]:
+    """A fresh RabbitMQ vhost; yields a BROKER_URL for it."""
+    require_service("RabbitMQ", 5672)
+    name = f"herald_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*",
+                    ".*"], check=True, capture_output=True)
+    try:
+        yield f"amqp://guest:guest@{RABBIT_HOST}:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True)
+
+
+def rabbit_queue_depth(broker_url: str, queue: str) -> int:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        ch = conn.channel()
+        result = ch.queue_declare(queue, passive=True)
+        return int(result.method.message_count)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def backend_env(backend: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment variables for a backend."""
+    if backend == "embedded":
+        yield {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}"}
+        return
+    with pg_schema() as db_url, rabbit_vhost() as broker_url:
+        yield {"DATABASE_URL": db_url, "BROKER_URL": broker_url}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class InProcessHerald:
+    """herald's parts wired as `supervisor.py all` wires them, in the test's process.
+
+    Parameters:
+      env: configuration (as environment variables).
+      providers: push provider factory (fakes), or None for dry run.
+      mailer_factory: email sender factory, or None for SMTP_URL / outbox.
+    """
+
+    def __init__(self, env: dict[str, str], providers: Any = None,
+                 mailer_factory: Any = None, start_worker: bool = True) -> None:
+        import dramatiq
+
+        import models
+        from actors.tree import ActorTree
+        from ingest.api import HeraldAPI
+        from ingest.app import create_app
+        from intake.broker import make_broker
+        from intake.consumers import Consumers
+        from settings import load_settings
+
+        env = {"HERALD_API_KEYS": "test-key", "RETRY_MIN_BACKOFF_MS": "50",
+               "RETRY_MAX_BACKOFF_MS": "400", "WORKER_THREADS": "8", **env}
+        self.settings = load_settings(env)
+        self.gave_up: list[str] = []
+        self.database = models.open_database(self.settings.DATABASE_URL)
+        models.migrate()
+        self.broker = make_broker(self.settings)
+        self.consumers = Consumers(self.broker, self.settings.PUSH_SHARDS)
+        self.api = HeraldAPI(self.settings, self.broker)
+        self.app = create_app(self.api)
+        self.tree = ActorTree(self.settings, self.gave_up.append, providers, mailer_factory)
+        self.worker: Any = None
+        if start_worker:
+            self.tree.start()
+            self.consumers.attach(self.tree)
+            self.worker = dramatiq.Worker(self.broker, worker_threads=8, worker_timeout=100)
+            self.worker.start()
+        from starlette.testclient import TestClient
+
+        self.client = TestClient(self.app, headers={"Authorization": "Bearer test-key"})
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(timeout=10_000)
+        self.tree.stop(timeout=20)
+        self.broker.close()
+        self.database.close()
+
+    def put_user(self, user_id: int, **fields: Any) -> dict[str, Any]:
+        body = {"email": f"user{user_id}@example.com", "full_name": f"User {user_id}", **fields}
+        response = self.client.put(f"/v1/users/{user_id}", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def post_events(self, *events: dict[str, Any]) -> httpx.Response:
+        body: Any = events[0] if len(events) == 1 else {"events": list(events)}
+        return self.client.post("/v1/events", json=body)
+
+    def db(self, fn: Callable[[], Any]) -> Any:
+        import models
+
+        with models.db.connection_context():
+            return fn()
+
+
+class HeraldProcess:
+    """`python supervisor.py MODE` as a subprocess with its own port.
+
+    Parameters:
+      env: configuration on top of a minimal environment.
+      mode: "all", "web" or "worker".
+      cwd: working directory (the outbox and the default SQLite file live there).
+    """
+
+    def __init__(self, env: dict[str, str], mode: str = "all", cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.mode = mode
+        self.cwd = cwd or ROOT
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PORT": str(self.port),
+            "HERALD_API_KEYS": "test-key",
+            "PYTHONPATH": str(ROOT),
+            "RETRY_MIN_BACKOFF_MS": "100",
+            "RETRY_MAX_BACKOFF_MS": "1000",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.cwd / f"herald-{mode}-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> HeraldProcess:
+        handle = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "supervisor.py"), self.mode],
+            cwd=self.cwd, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+        )
+        if wait and self.mode in ("all", "web"):
+            wait_until(self._healthy, timeout=30, what=f"herald {self.mode} to answer")
+        elif wait:
+            wait_until(lambda: b"worker started" in self.log.read_bytes(), timeout=30,
+                       what="worker to start")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"herald exited {self.proc.returncode}:\n{self.output()}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": "Bearer test-key"},
+                            timeout=30)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def __enter__(self) -> HeraldProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

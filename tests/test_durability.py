@@ -1,0 +1,154 @@
+"""Nothing accepted is lost: a SIGKILLed worker's events are processed after restart;
+SIGTERM drains and exits 0. Real processes, real brokers, real databases."""
+
+from __future__ import annotations
+
+import email
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import message_event
+from tests.harness import HeraldProcess, backend_env, rabbit_queue_depth, wait_until
+
+pytestmark = pytest.mark.slow
+
+USER = 7
+
+
+def _outbox(directory: Path) -> list[email.message.Message]:
+    if not directory.exists():
+        return []
+    return [email.message_from_bytes(p.read_bytes()) for p in sorted(directory.glob("*.eml"))]
+
+
+def _put_user(client: object, period: int) -> None:
+    response = client.put(f"/v1/users/{USER}", json={  # type: ignore[attr-defined]
+        "email": "ada@example.com", "full_name": "Ada", "email_batching_period_seconds": period})
+    assert response.status_code == 200, response.text
+
+
+def test_embedded_email_survives_sigkill_after_commit(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}", "OUTBOX_DIR": str(outbox)}
+    first = HeraldProcess(env, "all", cwd=tmp_path).start()
+    try:
+        with first.client() as client:
+            _put_user(client, period=3)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
+                       what="the row to be committed")
+        first.kill()  # before the window closes
+        assert _outbox(outbox) == []
+    finally:
+        if first.proc and first.proc.poll() is None:
+            first.proc.kill()
+    with HeraldProcess(env, "all", cwd=tmp_path):
+        mails = wait_until(lambda: _outbox(outbox), timeout=20, what="the email after restart")
+        time.sleep(1.0)
+        mails = _outbox(outbox)
+        assert len(mails) == 1
+        assert mails[0]["Subject"] == "#design > logo"
+
+
+def test_rabbitmq_event_survives_sigkill_of_worker(tmp_path: Path) -> None:
+    with backend_env("production", tmp_path) as env:
+        outbox = tmp_path / "outbox"
+        env = {**env, "OUTBOX_DIR": str(outbox)}
+        web = HeraldProcess(env, "web", cwd=tmp_path).start()
+        worker = HeraldProcess(env, "worker", cwd=tmp_path).start()
+        try:
+            with web.client() as client:
+                _put_user(client, period=1)
+                worker.kill()  # the worker dies; the web keeps accepting
+                events = [message_event(USER, channels=("email",), topic=f"t{i}")
+                          for i in range(5)]
+                response = client.post("/v1/events", json={"events": events})
+                assert response.status_code == 202
+                # Durably queued in RabbitMQ, nobody consuming.
+                assert rabbit_queue_depth(env["BROKER_URL"], "email") == 5
+                assert client.get(f"/v1/users/{USER}/pending").json()["pending"] == []
+                restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
+                try:
+                    wait_until(lambda: len(_outbox(outbox)) == 5, timeout=30,
+                               what="five emails after the worker restarted")
+                    time.sleep(1.5)
+                    subjects = sorted(m["Subject"] for m in _outbox(outbox))
+                    assert subjects == [f"#design > t{i}" for i in range(5)]
+                    assert rabbit_queue_depth(env["BROKER_URL"], "email") == 0
+                    assert restarted.terminate() == 0
+                finally:
+                    if restarted.proc and restarted.proc.poll() is None:
+                        restarted.proc.kill()
+        finally:
+            for p in (web, worker):
+                if p.proc and p.proc.poll() is None:
+                    p.proc.kill()
+
+
+def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
+    """The worker dies while a push is in flight (the provider is slow): the message
+    was never acked, so the restarted worker delivers it."""
+    from tests.fakes.fcm import FakeFcm
+
+    fake = FakeFcm()
+    base = fake.start()
+    try:
+        credentials = fake.new_service_account(tmp_path)
+        with backend_env("production", tmp_path) as env:
+            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base}
+            web = HeraldProcess(env, "web", cwd=tmp_path).start()
+            worker = HeraldProcess(env, "worker", cwd=tmp_path).start()
+            restarted = None
+            try:
+                with web.client() as client:
+                    _put_user(client, period=60)
+                    assert client.post(f"/v1/users/{USER}/devices",
+                                       json={"kind": "fcm", "token": "slow-1"}).status_code == 201
+                    fake.delay = 6.0
+                    event = message_event(USER, channels=("push",))
+                    assert client.post("/v1/events", json=event).status_code == 202
+                    time.sleep(2.0)  # the send is in flight, held by the slow provider
+                    assert fake.requests == []
+                    worker.kill()  # mid-send: the message is unacked
+                    fake.delay = 0.0
+                    restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
+                    wait_until(lambda: _receipts(env["DATABASE_URL"]) == 1, timeout=30,
+                               what="the redelivered push to be accepted")
+                    wait_until(lambda: rabbit_queue_depth(env["BROKER_URL"], "push.shard0") == 0,
+                               what="the queue to drain")
+            finally:
+                for p in (web, worker, restarted):
+                    if p is not None and p.proc and p.proc.poll() is None:
+                        p.proc.kill()
+    finally:
+        fake.stop()
+
+
+def _receipts(database_url: str) -> int:
+    import models
+
+    database = models.make_database(database_url)
+    with database.bind_ctx([models.PushReceipt]), database.connection_context():
+        return int(models.PushReceipt.select().count())
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}",
+           "OUTBOX_DIR": str(tmp_path / "outbox")}
+    process = HeraldProcess(env, "all", cwd=tmp_path).start()
+    with process.client() as client:
+        _put_user(client, period=120)
+        assert client.post("/v1/events", json=message_event(USER)).status_code == 202
+    assert process.terminate(timeout=60) == 0
+    assert "stopped" in process.output()
+
+
+def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
+    process = HeraldProcess({"PUSH_SHARDS": "many"}, "all", cwd=tmp_path).start(wait=False)
+    assert process.proc is not None
+    assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]

@@ -1,0 +1,559 @@
+"""Email batching end to end: the ingest API in, a real SMTP server (aiosmtpd) out.
+
+Every test runs on both backends (SQLite + in-process broker, PostgreSQL + RabbitMQ).
+Batching periods are one or two seconds so the windows close quickly; timing checks
+are one-sided with generous margins (never "exactly at").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import message_event
+from tests.harness import InProcessHerald, free_port, wait_until
+
+# How late after its deadline an email may arrive and still count as "about on time".
+LATE_MARGIN = 3.0
+# How long to keep watching for emails that must not come.
+QUIET_SECONDS = 1.5
+
+MARKER = re.compile(r"\bm(\d+)x\b")
+
+
+# A real SMTP server -------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    at: float
+    message: EmailMessage
+    rcpt: list[str]
+
+    @property
+    def subject(self) -> str:
+        return self.header("Subject")
+
+    def header(self, name: str) -> str:
+        # A folded header keeps its continuation's leading space when parsed.
+        return " ".join(str(self.message[name]).split())
+
+    @property
+    def to(self) -> str:
+        return self.rcpt[0]
+
+    def part(self, subtype: str) -> str:
+        body = self.message.get_body(preferencelist=(subtype,))
+        assert body is not None, f"no text/{subtype} part"
+        return str(body.get_content())
+
+    @property
+    def message_ids(self) -> list[int]:
+        """The test markers (`m<id>x`) found in the plain-text part."""
+        return sorted(int(m) for m in MARKER.findall(self.part("plain")))
+
+
+@dataclass
+class SmtpInbox:
+    """An aiosmtpd handler that records what it accepts.
+
+    `replies` are answered to the next DATA commands in turn (e.g. "451 ..."); then
+    `always` (if set) to every one; `delay` seconds are spent before each answer.
+    """
+
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    always: str | None = None
+    delay: float = 0.0
+    data_commands: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.data_commands += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with self.lock:
+            if self.replies:
+                return self.replies.pop(0)
+            if self.always:
+                return self.always
+            parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            self.received.append(Received(time.time(), parsed, list(envelope.rcpt_tos)))
+        return "250 OK"
+
+    def emails(self, to: str | None = None) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if to is None or r.to == to]
+
+    def wait_for(self, count: int, to: str | None = None, timeout: float = 10.0) -> list[Received]:
+        wait_until(lambda: len(self.emails(to)) >= count, timeout=timeout,
+                   what=f"{count} email(s) to {to or 'anyone'}")
+        return self.emails(to)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpInbox]:
+    inbox = SmtpInbox(port=free_port())
+    controller = Controller(inbox, hostname="127.0.0.1", port=inbox.port)
+    controller.start()
+    try:
+        yield inbox
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def start(env: dict[str, str], smtp: SmtpInbox) -> Iterator[Callable[..., InProcessHerald]]:
+    """Starts an in-process herald sending through `smtp`; stops whatever it started."""
+    started: list[InProcessHerald] = []
+
+    def _start(**extra: str) -> InProcessHerald:
+        h = InProcessHerald({**env, "SMTP_URL": f"smtp://127.0.0.1:{smtp.port}",
+                             "SMTP_TIMEOUT_SECONDS": "15", **extra})
+        started.append(h)
+        return h
+
+    try:
+        yield _start
+    finally:
+        for h in reversed(started):
+            if getattr(h, "_stopped", False):
+                continue
+            h.stop()
+
+
+# Helpers ------------------------------------------------------------------------------
+
+
+def addr(user_id: int) -> str:
+    return f"user{user_id}@example.com"
+
+
+def event(user_id: int, **kw: Any) -> dict[str, Any]:
+    """A message event whose content carries a marker naming its message id."""
+    e = message_event(user_id, channels=("email",), **kw)
+    e["message"]["content_html"] = f"<p>hello m{e['message']['id']}x</p>"
+    return e
+
+
+def mid(e: dict[str, Any]) -> int:
+    return int(e["message"]["id"])
+
+
+def post(h: InProcessHerald, *events: dict[str, Any]) -> None:
+    response = h.post_events(*events)
+    assert response.status_code == 202, response.text
+
+
+def pending(h: InProcessHerald, user_id: int) -> dict[int, float]:
+    response = h.client.get(f"/v1/users/{user_id}/pending")
+    assert response.status_code == 200, response.text
+    return {p["message_id"]: p["scheduled_timestamp"] for p in response.json()["pending"]}
+
+
+def wait_pending(h: InProcessHerald, user_id: int, ids: list[int],
+                 timeout: float = 10.0) -> dict[int, float]:
+    def check() -> dict[int, float] | None:
+        rows = pending(h, user_id)
+        return rows if set(ids) <= set(rows) else None
+
+    return wait_until(check, timeout=timeout, what=f"pending rows {ids} for user {user_id}")  # type: ignore[no-any-return]
+
+
+def dead_letters(h: InProcessHerald) -> list[Any]:
+    import models
+
+    return h.db(lambda: list(models.DeadLetter.select().order_by(models.DeadLetter.id)))  # type: ignore[no-any-return]
+
+
+def by_subject(emails: list[Received]) -> dict[str, list[Received]]:
+    out: dict[str, list[Received]] = {}
+    for r in emails:
+        out.setdefault(r.subject, []).append(r)
+    return out
+
+
+# 1. The window ------------------------------------------------------------------------
+
+
+def test_first_message_opens_the_window_and_later_ones_join_it(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=2)
+    first = event(7, topic="logo")
+    before = time.time()
+    post(h, first)
+    deadline = wait_pending(h, 7, [mid(first)])[mid(first)]
+    assert before + 2 <= deadline <= time.time() + 2
+
+    time.sleep(0.6)
+    same_topic, dm = event(7, topic="logo"), event(7, stream=None, sender="Bob", sender_id=4)
+    post(h, same_topic, dm)
+    rows = wait_pending(h, 7, [mid(same_topic), mid(dm)])
+    assert set(rows.values()) == {deadline}, "later messages must join the open window"
+
+    emails = smtp.wait_for(2, timeout=deadline - time.time() + LATE_MARGIN + 5)
+    time.sleep(QUIET_SECONDS)
+    emails = smtp.emails()
+    subjects = by_subject(emails)
+    assert sorted(subjects) == ["#design > logo", "DMs with Bob"]
+    assert all(len(v) == 1 for v in subjects.values()), "one email per conversation"
+    assert subjects["#design > logo"][0].message_ids == [mid(first), mid(same_topic)]
+    assert subjects["DMs with Bob"][0].message_ids == [mid(dm)]
+    for r in emails:
+        assert r.to == addr(7)
+        assert r.at >= deadline, f"sent {deadline - r.at:.2f}s before the deadline"
+        assert r.at <= deadline + LATE_MARGIN, f"sent {r.at - deadline:.2f}s late"
+    assert pending(h, 7) == {}
+
+
+# 2. Changing the period ---------------------------------------------------------------
+
+
+def test_changing_the_period_moves_the_open_window(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)  # will grow to 3
+    h.put_user(8, email_batching_period_seconds=60)  # will shrink to 2
+    a, b = event(7), event(8)
+    post(h, a, b)
+    deadline_a = wait_pending(h, 7, [mid(a)])[mid(a)]
+    deadline_b = wait_pending(h, 8, [mid(b)])[mid(b)]
+
+    h.put_user(7, email_batching_period_seconds=3)
+    h.put_user(8, email_batching_period_seconds=2)
+    moved_a, moved_b = pending(h, 7)[mid(a)], pending(h, 8)[mid(b)]
+    assert moved_a == pytest.approx(deadline_a + 2)
+    assert moved_b == pytest.approx(deadline_b - 58)
+
+    [got_b] = smtp.wait_for(1, to=addr(8), timeout=moved_b - time.time() + LATE_MARGIN)
+    assert moved_b <= got_b.at <= moved_b + LATE_MARGIN
+    [got_a] = smtp.wait_for(1, to=addr(7), timeout=moved_a - time.time() + LATE_MARGIN)
+    assert got_a.at >= moved_a, "the window grew: the email must wait for the new deadline"
+    assert got_a.at <= moved_a + LATE_MARGIN
+    time.sleep(QUIET_SECONDS)
+    assert len(smtp.emails()) == 2
+
+
+# 3. Read and deleted messages ---------------------------------------------------------
+
+
+def test_read_and_deleted_messages_are_left_out(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    for uid in (7, 8, 9):
+        h.put_user(uid, email_batching_period_seconds=2)
+    kept, read, deleted = event(7), event(7), event(7)
+    all_read, all_deleted = event(8), event(9)
+    post(h, kept, read, deleted, all_read, all_deleted)
+    wait_pending(h, 7, [mid(kept), mid(read), mid(deleted)])
+    deadline = wait_pending(h, 8, [mid(all_read)])[mid(all_read)]
+    wait_pending(h, 9, [mid(all_deleted)])
+
+    post(h, {"type": "read", "user_id": 7, "message_ids": [mid(read)]},
+         {"type": "read", "user_id": 8, "message_ids": [mid(all_read)]},
+         {"type": "message_deleted", "message_ids": [mid(deleted), mid(all_deleted)]})
+    wait_until(lambda: set(pending(h, 7)) == {mid(kept)} and not pending(h, 8)
+               and not pending(h, 9), what="read/deleted rows to leave the batches")
+
+    [got] = smtp.wait_for(1, timeout=deadline - time.time() + LATE_MARGIN)
+    assert got.to == addr(7)
+    assert got.message_ids == [mid(kept)]
+    time.sleep(max(0.0, deadline + QUIET_SECONDS - time.time()))
+    assert len(smtp.emails()) == 1, "an all-read or all-deleted batch sends nothing"
+
+
+# 4. Conversations ---------------------------------------------------------------------
+
+
+def test_one_email_per_conversation(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    upper, lower = event(7, topic="Logo"), event(7, topic="logo")
+    ada, bob = (event(7, stream=None, sender="Ada", sender_id=3),
+                event(7, stream=None, sender="Bob", sender_id=4))
+    group = event(7, stream=None, sender="Cy", sender_id=5)
+    group["message"]["pm_users"] = [{"id": 7, "full_name": "User 7"},
+                                    {"id": 3, "full_name": "Ada"},
+                                    {"id": 5, "full_name": "Cy"}]
+    post(h, upper, lower, ada, bob, group)
+    smtp.wait_for(4, timeout=10)
+    time.sleep(QUIET_SECONDS)
+    subjects = by_subject(smtp.emails())
+    assert sorted(subjects) == ["#design > Logo", "DMs with Ada", "DMs with Bob",
+                                "Group DMs with Ada and Cy"]
+    assert all(len(v) == 1 for v in subjects.values())
+    assert subjects["#design > Logo"][0].message_ids == sorted([mid(upper), mid(lower)])
+    assert subjects["DMs with Ada"][0].message_ids == [mid(ada)]
+    assert subjects["DMs with Bob"][0].message_ids == [mid(bob)]
+    assert subjects["Group DMs with Ada and Cy"][0].message_ids == [mid(group)]
+    for r in smtp.emails():
+        assert r.message.get_content_type() == "multipart/alternative"
+        assert r.header("List-Unsubscribe").startswith("<http")
+        assert r.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+
+
+# 5. A message during a flush ----------------------------------------------------------
+
+
+def test_a_message_arriving_during_a_flush_goes_to_the_next_window(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    smtp.delay = 2.0
+    first = event(7)
+    post(h, first)
+    deadline = wait_pending(h, 7, [mid(first)])[mid(first)]
+    wait_until(lambda: smtp.data_commands >= 1, timeout=10, what="the first send to start")
+    second = event(7)
+    post(h, second)
+    rows = wait_pending(h, 7, [mid(second)])
+    assert rows[mid(second)] > deadline, "it must open a new window, not join the one in flight"
+
+    emails = smtp.wait_for(2, timeout=15)
+    time.sleep(QUIET_SECONDS)
+    emails = sorted(smtp.emails(), key=lambda r: r.at)
+    assert [r.message_ids for r in emails] == [[mid(first)], [mid(second)]]
+    assert pending(h, 7) == {}
+
+
+# 6. SMTP failures ---------------------------------------------------------------------
+
+
+def test_transient_smtp_failures_are_retried_and_the_email_sent_once(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    smtp.replies = ["451 4.3.0 try again later"] * 2
+    e = event(7)
+    post(h, e)
+    [got] = smtp.wait_for(1, timeout=15)
+    assert got.message_ids == [mid(e)]
+    time.sleep(QUIET_SECONDS)
+    assert len(smtp.emails()) == 1
+    assert smtp.data_commands == 3
+    assert dead_letters(h) == []
+    assert pending(h, 7) == {}
+
+
+def test_a_permanent_smtp_failure_is_dead_lettered(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    smtp.always = "550 5.1.1 no such mailbox"
+    e = event(7)
+    post(h, e)
+    [letter] = wait_until(lambda: dead_letters(h), timeout=10, what="a dead letter")
+    assert letter.kind == "email_batch"
+    assert letter.user_id == 7
+    assert "550" in letter.reason and "no such mailbox" in letter.reason
+    assert str(mid(e)) in letter.payload
+    time.sleep(QUIET_SECONDS)
+    assert smtp.data_commands == 1, "a permanent failure is not retried"
+    assert smtp.emails() == []
+    assert pending(h, 7) == {}
+
+
+def test_an_exhausted_retry_budget_is_dead_lettered(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start(RETRY_MAX_TRIES="3")
+    h.put_user(7, email_batching_period_seconds=1)
+    smtp.always = "451 4.3.0 still busy"
+    e = event(7)
+    post(h, e)
+    [letter] = wait_until(lambda: dead_letters(h), timeout=15, what="a dead letter")
+    assert letter.kind == "email_batch"
+    assert "451" in letter.reason and "3 tries" in letter.reason
+    assert letter.attempts == 3
+    time.sleep(QUIET_SECONDS)
+    assert smtp.data_commands == 3
+    assert smtp.emails() == []
+    assert pending(h, 7) == {}
+
+
+# 7. Sanitised HTML --------------------------------------------------------------------
+
+
+def test_message_html_is_sanitised(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    e = event(7)
+    e["message"]["content_html"] = (
+        '<p>look m1x <script>alert("pwned")</script>'
+        '<img src="https://example.com/a.png" onerror="alert(2)">'
+        '<a href="javascript:alert(3)" onclick="alert(4)">link</a></p>'
+    )
+    post(h, e)
+    [got] = smtp.wait_for(1, timeout=10)
+    html = got.part("html")
+    assert "look m1x" in html
+    assert "https://example.com/a.png" in html
+    lowered = html.lower()
+    for bad in ("<script", "alert(", "onerror", "onclick", "javascript:"):
+        assert bad not in lowered, f"{bad!r} survived sanitising"
+
+
+# 8. Flush now -------------------------------------------------------------------------
+
+
+def test_flush_now_sends_the_open_batch_at_once(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=600)
+    waiting = event(7)
+    post(h, waiting)
+    wait_pending(h, 7, [mid(waiting)])
+    urgent = event(7, flush="now")
+    sent_at = time.time()
+    post(h, urgent)
+    [got] = smtp.wait_for(1, timeout=5)
+    assert got.message_ids == sorted([mid(waiting), mid(urgent)])
+    assert got.at - sent_at < LATE_MARGIN
+    assert pending(h, 7) == {}
+
+
+def test_flush_now_during_a_send_is_not_deferred_to_the_window(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=600)
+    smtp.delay = 1.5
+    first = event(7, flush="now")
+    post(h, first)
+    wait_until(lambda: smtp.data_commands >= 1, timeout=10, what="the first send to start")
+    second = event(7, flush="now")
+    post(h, second)
+    emails = smtp.wait_for(2, timeout=10)
+    assert sorted(r.message_ids for r in emails) == [[mid(first)], [mid(second)]]
+
+
+# 9. Email off, unsubscribe ------------------------------------------------------------
+
+
+def test_users_with_email_off_get_nothing(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1, enable_offline_email_notifications=False)
+    h.put_user(8, email_batching_period_seconds=2)
+    off, later_off = event(7), event(8)
+    post(h, off, later_off)
+    deadline = wait_pending(h, 8, [mid(later_off)])[mid(later_off)]
+    # Turned off while the batch waits: the batch is dropped at its deadline.
+    h.put_user(8, email_batching_period_seconds=2, enable_offline_email_notifications=False)
+    wait_until(lambda: not pending(h, 8), timeout=deadline - time.time() + LATE_MARGIN,
+               what="the batch of a user who turned email off to be dropped")
+    time.sleep(QUIET_SECONDS)
+    assert smtp.emails() == []
+    assert pending(h, 7) == {}
+
+
+def test_one_click_unsubscribe_from_the_received_email(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    post(h, event(7))
+    [got] = smtp.wait_for(1, timeout=10)
+    link = got.header("List-Unsubscribe").strip("<>")
+    path = urlsplit(link).path
+    assert path.startswith("/v1/unsubscribe/")
+    assert link in got.part("plain")
+
+    response = h.client.post(path, content=b"List-Unsubscribe=One-Click",
+                             headers={"Authorization": "",
+                                      "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    assert h.client.get("/v1/users/7").json()["enable_offline_email_notifications"] is False
+
+    post(h, event(7))
+    time.sleep(1 + QUIET_SECONDS)
+    assert len(smtp.emails()) == 1, "no more emails after unsubscribing"
+    assert pending(h, 7) == {}
+
+
+# 10. An actor retiring as messages arrive ---------------------------------------------
+
+
+def test_actors_retiring_while_messages_arrive_lose_nothing(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    unread: list[int] = []
+    was_read: list[int] = []
+    for i in range(40):
+        # Every message flushes at once, and a third are read straight away, so the
+        # user's actor keeps emptying its batch and retiring while more arrive.
+        e = event(7, flush="now", topic=f"t{i % 3}")
+        post(h, e)
+        if i % 3 == 0:
+            post(h, {"type": "read", "user_id": 7, "message_ids": [mid(e)]})
+            was_read.append(mid(e))
+        else:
+            unread.append(mid(e))
+        time.sleep(0.02)
+
+    def delivered() -> list[int]:
+        return [m for r in smtp.emails() for m in r.message_ids]
+
+    wait_until(lambda: set(unread) <= set(delivered()), timeout=20,
+               what="every unread message to be emailed")
+    wait_until(lambda: not pending(h, 7), timeout=10, what="the batch to empty")
+    time.sleep(QUIET_SECONDS)
+    seen = delivered()
+    assert len(seen) == len(set(seen)), "a message was emailed twice"
+    assert set(seen) - set(unread) <= set(was_read)
+
+
+# 11. Restart --------------------------------------------------------------------------
+
+
+def test_restart_rearms_pending_batches(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    first = start()
+    first.put_user(7, email_batching_period_seconds=2)
+    e = event(7)
+    post(first, e)
+    deadline = wait_pending(first, 7, [mid(e)])[mid(e)]
+    first.stop()
+    first._stopped = True  # type: ignore[attr-defined]
+    assert smtp.emails() == [], "stopped before the deadline: nothing sent yet"
+    time.sleep(max(0.0, deadline + 0.5 - time.time()))
+
+    restarted_at = time.time()
+    second = start()
+    [got] = smtp.wait_for(1, timeout=10)
+    assert got.message_ids == [mid(e)]
+    assert got.at - restarted_at < LATE_MARGIN + 2, "a passed deadline fires at once"
+    time.sleep(QUIET_SECONDS)
+    assert len(smtp.emails()) == 1
+    assert pending(second, 7) == {}
