@@ -136,12 +136,14 @@ class Process:
 
             start_http_server(s.METRICS_PORT, addr=s.HOST)
 
+        # uvicorn hands a caught SIGTERM back to the previous handler after its own
+        # graceful shutdown: that handler must drain, not kill the process.
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
         try:
             if self.mode in ("all", "web"):
                 self._serve_http(broker, lambda: models.ping(), lambda: broker_ping(broker))
             else:
-                signal.signal(signal.SIGTERM, self.request_stop)
-                signal.signal(signal.SIGINT, self.request_stop)
                 while not self.stopping.wait(1.0):
                     pass
         finally:

@@ -117,9 +117,15 @@ def next_wakeup(user_id: int, now: float | None = None) -> float | None:
 def claim_due(user_id: int, claim_id: str, now: float | None = None) -> list[Row]:
     """Claim the user's due rows for one flush; only one claimer can win each row."""
     now = time.time() if now is None else now
-    Row.update(claimed_by=claim_id, claimed_until=now + CLAIM_LEASE_SECONDS).where(
-        _pending(user_id, now) & (Row.scheduled_timestamp <= now)
-    ).execute()
+    with _write_transaction():
+        if is_postgres():
+            # `record` holds this lock while it picks the window and inserts: without
+            # it, a row another worker is adding to the window right now would miss
+            # this claim and go out as a second email for the same window.
+            User.select(User.id).where(User.id == user_id).for_update().execute()
+        Row.update(claimed_by=claim_id, claimed_until=now + CLAIM_LEASE_SECONDS).where(
+            _pending(user_id, now) & (Row.scheduled_timestamp <= now)
+        ).execute()
     return list(Row.select().where(Row.claimed_by == claim_id).order_by(Row.message_id))
 
 

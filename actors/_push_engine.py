@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -160,20 +160,26 @@ class PushEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db, lambda: store.in_connection(fn, *args))
 
-    async def _process(self, work: PushWork) -> None:
-        key = _lock_key(work)
+    @contextlib.asynccontextmanager
+    async def _serialised(self, key: Any) -> AsyncIterator[None]:
+        """Hold the lock of `key` (taken in arrival order); forget it once unused."""
         entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
             async with entry[0]:
-                await self._handle(work)
-            work.reply.set(None)
-        except BaseException:
-            work.reply.set_exception(sys.exc_info())  # type: ignore[arg-type]
+                yield
         finally:
             entry[1] -= 1
             if entry[1] == 0:
                 self._locks.pop(key, None)
+
+    async def _process(self, work: PushWork) -> None:
+        try:
+            async with self._serialised(_lock_key(work)):
+                await self._handle(work)
+            work.reply.set(None)
+        except BaseException:
+            work.reply.set_exception(sys.exc_info())  # type: ignore[arg-type]
 
     async def _handle(self, work: PushWork) -> None:
         if work.command is not None:
@@ -188,7 +194,10 @@ class PushEngine:
                 self.settings.PUSH_SHARDS,
             )
             for user_id in users:
-                await self._remove(user_id, work.event.message_ids, mark_read=False)
+                # Under the user's own lock, so the remove never overtakes (or runs
+                # alongside) a push of that user still being sent.
+                async with self._serialised(("user", user_id)):
+                    await self._remove(user_id, work.event.message_ids, mark_read=False)
 
     # Messages ------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Every function runs on a database thread of a push engine, inside `in_connection`.
 State makes delivery idempotent and order-proof: a receipt per (message, device)
-means a retry resends only to devices that have not accepted yet; a message already
-read or deleted is never pushed, so a remove processed first still wins.
+means a retry resends only to devices that have not accepted (or permanently refused)
+it yet; a message already read or deleted is never pushed, so a remove processed first
+still wins.
 """
 
 from __future__ import annotations
@@ -162,11 +163,11 @@ def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int
         .where(
             (UserMessage.message_id.in_(message_ids))
             & (UserMessage.active_push == True)  # noqa: E712 - peewee expression
-            & (UserMessage.user_id % shards == shard)
         )
         .distinct()
     )
-    return sorted(u.user_id for u in users)
+    # The shard filter is applied here: peewee's `%` is LIKE, not modulo.
+    return sorted(u.user_id for u in users if u.user_id % shards == shard)
 
 
 def record_results(
@@ -175,7 +176,10 @@ def record_results(
     """Receipts for accepted sends, dead devices deleted, permanent failures dead-lettered."""
     with db.atomic():
         for device, result in results:
-            if result.outcome is Outcome.DELIVERED:
+            # A permanent failure is settled too: its dead letter is written below, and a
+            # retry of the event (for another device's transient failure) must not send
+            # to this device again.
+            if result.outcome in (Outcome.DELIVERED, Outcome.PERMANENT):
                 PushReceipt.insert(
                     user_id=user_id, message_id=message_id, device_id=device.id, event=event
                 ).on_conflict_ignore().execute()

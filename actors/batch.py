@@ -154,6 +154,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._timer: TimerHandle | None = None
         self._token = 0
         self._sending = False
+        # A "flush now" that came while a send was in flight: done when that send ends.
+        self._flush_requested = False
 
     # Pykka hooks (pool thread) ---------------------------------------------------------
 
@@ -219,7 +221,10 @@ class UserBatchActor(SupervisedMixin, PooledActor):
 
     def _flush(self, *, forced: bool) -> None:
         if self._sending:
-            return  # the flush in flight re-arms when it is done
+            # The flush in flight re-arms when it is done; a forced flush must not
+            # wait for the next window, so remember it for then.
+            self._flush_requested = self._flush_requested or forced
+            return
         claim_id = f"{self.ctx.worker_id}:{uuid.uuid4().hex[:12]}"
         now = time.time()
         deadline = self._deadline or now
@@ -239,7 +244,16 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         emails = self._render(user, batch)
         self._sending = True
         me = self.actor_ref
-        self.ctx.mail.send(emails, lambda outcomes: _tell(me, _Sent(claim_id, deadline, outcomes)))
+
+        def done(outcomes: list[SendOutcome]) -> None:
+            try:
+                me.tell(_Sent(claim_id, deadline, outcomes))
+            except pykka.ActorDeadError:
+                # Stopped (a draining worker) or crashed mid-send: settle the claim
+                # here, or the sent rows would wait out the lease and go out again.
+                _db(_settle_orphaned_claim, claim_id, outcomes)
+
+        self.ctx.mail.send(emails, done)
 
     def _render(self, user: Any, batch: store.Batch) -> list[tuple[list[int], Any]]:
         settings = self.ctx.settings
@@ -280,6 +294,10 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                                   f"{outcome.reason}", claim_id=None)
             else:
                 self._dead_letter(outcome, 1, outcome.reason, claim_id=message.claim_id)
+        if self._flush_requested:
+            self._flush_requested = False
+            self._flush(forced=True)
+            return
         self._arm(_db(store.next_wakeup, self.user_id))
 
     def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str,
@@ -441,6 +459,18 @@ def _make_due(user_id: int, now: float) -> None:
         (store.Row.user_id == user_id) & store.Row.claimed_by.is_null()
         & (store.Row.scheduled_timestamp > now)
     ).execute()
+
+
+def _settle_orphaned_claim(claim_id: str, outcomes: list[SendOutcome]) -> None:
+    """A send ended after its actor stopped: delete what went out, hand back the rest
+    (pending again, for the next actor of this user or the next worker's re-arm)."""
+    sent = [i for o in outcomes if o.status == "sent" for i in o.message_ids]
+    with db.atomic():
+        if sent:
+            store.finish(claim_id, sent)
+        store.Row.update(claimed_by=None, claimed_until=None).where(
+            store.Row.claimed_by == claim_id
+        ).execute()
 
 
 def _backoff_seconds(settings: Settings, attempts: int) -> float:

@@ -7,6 +7,7 @@ while sends for different users overlap.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pykka
 
 from actors._push_engine import PushEngine, PushWork
 from actors.supervision import SupervisedMixin
+from delivery.outcomes import TransientDeliveryError
 from settings import Settings
 
 
@@ -62,3 +64,23 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
 
     def on_crash(self) -> None:
         self.engine.stop()
+        # Pykka drops told messages left in a dead actor's mailbox, and the consumers
+        # waiting on their replies would hang: fail those replies as transient (the
+        # queue messages are retried once the shard is back). Anything else goes back
+        # for Pykka's own teardown.
+        others = []
+        while True:
+            try:
+                envelope = self.actor_inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(envelope.message, PushWork):
+                envelope.message.reply.set_exception((
+                    TransientDeliveryError,
+                    TransientDeliveryError(f"push shard {self.shard} crashed"),
+                    None,
+                ))
+            else:
+                others.append(envelope)
+        for envelope in others:
+            self.actor_inbox.put(envelope)

@@ -127,9 +127,7 @@ def _measure_in_subprocess(kind: str, actors: int, pool_threads: int) -> dict[st
         str(pool_threads),
     ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(_SOURCE_ROOT), *filter(None, [env.get("PYTHONPATH")])]
-    )
+    env["PYTHONPATH"] = os.pathsep.join([str(_SOURCE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run(
         command, cwd=_SOURCE_ROOT, env=env, capture_output=True, text=True, check=True
     )

@@ -158,7 +158,7 @@ def start(env: dict[str, str]) -> Iterator[Callable[..., InProcessHerald]]:
 
 @pytest.fixture
 def direct(
-    start: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
+    fake_apns: FakeApns, fake_fcm: FakeFcm, start: Callable[..., InProcessHerald]
 ) -> Callable[..., InProcessHerald]:
     """A herald sending straight to the fake APNs and FCM."""
     return lambda **extra: start(**apns_env(fake_apns), **fcm_env(fake_fcm), **extra)
@@ -397,33 +397,33 @@ def test_message_deleted_removes_from_users_with_an_active_push(
 ) -> None:
     h = direct()
     tokens = {}
-    for user in (7, 8, 9):
+    for user in (1, 7, 8, 9):
         add_user(h, user)
         tokens[user] = (apns_token(), fcm_token())
         add_device(h, user, "apns", tokens[user][0])
         add_device(h, user, "fcm", tokens[user][1])
     mid = new_id()
-    post(h, push_event(7, mid), push_event(8, mid))
-    for user in (7, 8):
+    progress = Progress()
+    post(h, push_event(1, mid), push_event(7, mid), push_event(8, mid))
+    for user in (1, 7, 8):
         wait_until(lambda u=user: apns_for(fake_apns, tokens[u][0])
                    and fcm_for(fake_fcm, tokens[u][1]), what=f"push to user {user}")
 
-    progress = Progress()
     post(h, {"type": "message_deleted", "message_ids": [mid]})
-    for user in (7, 8):
+    for user in (1, 7, 8):
         apple, android = tokens[user]
         wait_until(lambda a=apple: len(apns_for(fake_apns, a)) == 2, what="APNs remove")
         wait_until(lambda f=android: len(fcm_for(fake_fcm, f)) == 2, what="FCM remove")
         assert apns_event(apns_for(fake_apns, apple)[1]) == ("remove", str(mid))
         assert fcm_event(fcm_for(fake_fcm, android)[1]) == ("remove", str(mid))
-    progress.wait(1)
+    progress.wait(4)
     settle()
     assert apns_for(fake_apns, tokens[9][0]) == [] and fcm_for(fake_fcm, tokens[9][1]) == []
-    assert all(len(apns_for(fake_apns, tokens[u][0])) == 2 for u in (7, 8))
+    assert all(len(apns_for(fake_apns, tokens[u][0])) == 2 for u in (1, 7, 8))
 
     # A push for the deleted message that arrives late is not sent.
     post(h, push_event(9, mid))
-    progress.wait(2)
+    progress.wait(5)
     settle()
     assert apns_for(fake_apns, tokens[9][0]) == []
 
@@ -622,7 +622,8 @@ def test_push_shards_route_each_user_to_its_queue_and_actor(
         tokens[user] = fcm_token()
         add_device(h, user, "fcm", tokens[user])
 
-    events = {user: push_event(user) for user in (3, 4, 5)}
+    mid = new_id()
+    events = {user: push_event(user, mid) for user in (3, 4, 5)}
     for user, event in events.items():
         assert [q for q, _ in h.api.publisher.routes(parse_event(event))] == [
             f"push.shard{user % 3}"]
@@ -635,6 +636,17 @@ def test_push_shards_route_each_user_to_its_queue_and_actor(
         [sent] = fcm_for(fake_fcm, tokens[user])
         assert sent.data["user_id"] == str(user)
     assert sorted(handled) == [(0, 3), (1, 4), (2, 5)]
+
+    # message_deleted goes to every shard; each removes its own users' pushes.
+    post(h, {"type": "message_deleted", "message_ids": [mid]})
+    for user in (3, 4, 5):
+        wait_until(lambda u=user: len(fcm_for(fake_fcm, tokens[u])) == 2,
+                   what=f"remove for user {user}")
+        assert fcm_event(fcm_for(fake_fcm, tokens[user])[1]) == ("remove", str(mid))
+    for p in progress:
+        p.wait(2)
+    settle()
+    assert all(len(fcm_for(fake_fcm, tokens[u])) == 2 for u in (3, 4, 5))
 
 
 # 9. Settings ----------------------------------------------------------------------------
@@ -672,15 +684,16 @@ def _registered(fake: FakeBouncer) -> set[tuple[int, str]]:
 def _bouncer_user(h: InProcessHerald, fake: FakeBouncer, user_id: int) -> tuple[str, str]:
     add_user(h, user_id)
     apple, android = apns_token(), fcm_token()
+    progress = Progress()
     add_device(h, user_id, "apns", apple)
     add_device(h, user_id, "fcm", android)
-    wait_until(lambda: {(TOKEN_KIND_APNS, apple), (TOKEN_KIND_FCM, android)}
-               <= _registered(fake), what="devices registered at the bouncer")
+    progress.wait(2)  # the two register commands went through the push queue
+    assert {(TOKEN_KIND_APNS, apple), (TOKEN_KIND_FCM, android)} <= _registered(fake)
     return apple, android
 
 
 def test_bouncer_notify_carries_zulip_fields_and_devices_sync(
-    start: Callable[..., InProcessHerald], fake_bouncer: FakeBouncer
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
 ) -> None:
     import models
 
@@ -728,7 +741,7 @@ def test_bouncer_notify_carries_zulip_fields_and_devices_sync(
 
 
 def test_bouncer_deleted_devices_are_deleted_locally(
-    start: Callable[..., InProcessHerald], fake_bouncer: FakeBouncer
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
 ) -> None:
     h = start(**bouncer_env(fake_bouncer))
     apple, android = _bouncer_user(h, fake_bouncer, 7)
@@ -742,7 +755,7 @@ def test_bouncer_deleted_devices_are_deleted_locally(
 
 
 def test_bouncer_5xx_is_retried_and_4xx_dead_lettered(
-    start: Callable[..., InProcessHerald], fake_bouncer: FakeBouncer
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
 ) -> None:
     h = start(**bouncer_env(fake_bouncer))
     _bouncer_user(h, fake_bouncer, 7)
@@ -787,7 +800,7 @@ def test_redacted_content_says_new_message(
 
 
 def test_dry_run_without_providers_completes_and_sends_nothing(
-    start: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
+    fake_apns: FakeApns, fake_fcm: FakeFcm, start: Callable[..., InProcessHerald]
 ) -> None:
     h = start()
     add_user(h, 7)
@@ -836,35 +849,39 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
                       what="two PushActors")
     router_urn = h.tree.routers().shard.actor_urn
 
+    armed: list[bool] = []
     faults: list[int] = []
     original = PushActor.handle
 
     def faulty(self: PushActor, work: Any) -> None:
-        if self.shard == 1 and not faults and isinstance(work.event, MessageEvent) \
-                and work.event.message.id == crash_id:
+        if self.shard == 1 and armed and not faults and isinstance(work.event, MessageEvent):
             faults.append(work.event.message.id)
+            time.sleep(0.3)  # the next push queues up in the mailbox meanwhile
             raise RuntimeError("injected fault")
         original(self, work)
 
     monkeypatch.setattr(PushActor, "handle", faulty)
 
-    # A push of shard 1 is in flight (APNs answers slowly) when the actor crashes on the
-    # next one, and a third arrives while the crashed actor is still winding down.
+    # Shard 1 has a push in flight (APNs answers slowly) when its actor crashes on the
+    # next one; a third waits in the crashed actor's mailbox, and a fourth arrives while
+    # the crashed actor is still winding down (waiting for the push in flight).
     fake_apns.delay = 1.0
-    in_flight, crash_id, during = new_id(), new_id(), new_id()
+    in_flight, crash_a, crash_b, during = (new_id() for _ in range(4))
     post(h, push_event(3, in_flight))
     wait_until(lambda: apns_for(fake_apns, victim), what="first push to reach APNs")
-    post(h, push_event(3, crash_id))
+    armed.append(True)
+    post(h, push_event(3, crash_a), push_event(3, crash_b))
     wait_until(lambda: faults, what="the injected fault")
-    time.sleep(0.2)
+    time.sleep(0.4)
     post(h, push_event(3, during))
     fake_apns.delay = 0.0
 
     def victim_ids() -> set[str]:
         return {apns_event(r)[1] for r in apns_for(fake_apns, victim) if r.status == 200}
 
-    wait_until(lambda: victim_ids() >= {str(in_flight), str(crash_id), str(during)},
-               timeout=20, what="every push of the crashed shard delivered")
+    expected = {str(m) for m in (in_flight, crash_a, crash_b, during)}
+    wait_until(lambda: victim_ids() >= expected, timeout=20,
+               what="every push of the crashed shard delivered")
     after = wait_until(lambda: len(_push_actor_urns()) == 2 and _push_actor_urns(),
                        what="two PushActors again")
     assert after[1] != urns[1], "shard 1 was not restarted"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import queue
 import random
 import sys
 import threading
@@ -334,6 +336,57 @@ def test_no_message_is_stranded_when_actors_keep_going_idle(pool: ActorPool) -> 
         ref.stop()
 
 
+class _QueueWithPause:
+    """A SimpleQueue stand-in that runs a hook the first time it is found empty.
+
+    Lets a test put a message at the worst moment: after the running slice
+    saw an empty inbox and before it marked the actor idle.
+    """
+
+    def __init__(self, inner: queue.SimpleQueue[Any], hook: Callable[[], None]) -> None:
+        self._inner = inner
+        self._hook: Callable[[], None] | None = hook
+
+    def put(self, item: Any) -> None:
+        self._inner.put(item)
+
+    def get_nowait(self) -> Any:
+        try:
+            return self._inner.get_nowait()
+        except queue.Empty:
+            hook, self._hook = self._hook, None
+            if hook is not None:
+                hook()
+            raise
+
+    def empty(self) -> bool:
+        return self._inner.empty()
+
+    def qsize(self) -> int:
+        return self._inner.qsize()
+
+
+def test_message_put_while_the_actor_goes_idle_is_not_stranded(pool: ActorPool) -> None:
+    log: list[Any] = []
+    ref = on_pool(pool, Recorder).start(log)
+    ref.ask("get", timeout=WAIT_S)
+    inbox = ref.actor_inbox
+    assert wait_until(lambda: not inbox._token.locked())
+
+    def sneak_in() -> None:
+        sender = threading.Thread(target=ref.tell, args=("sneaked in",))
+        sender.start()
+        sender.join()
+
+    inbox._queue = _QueueWithPause(inbox._queue, sneak_in)
+    ref.tell("wake up")
+    # Nothing else is sent: a later message would wake the actor and hide
+    # a stranded one.
+    assert wait_until(lambda: "sneaked in" in log), log
+    assert log == ["start", "wake up", "sneaked in"]
+    ref.stop()
+
+
 def test_ten_thousand_actors_on_four_threads(pool: ActorPool) -> None:
     threads_before = threading.active_count()
     os_threads_before = os_thread_count()
@@ -345,9 +398,7 @@ def test_ten_thousand_actors_on_four_threads(pool: ActorPool) -> None:
     actor_class = on_pool(pool, Echo)
     refs = [actor_class.start() for _ in range(10_000)]
     futures = [ref.ask(i, block=False) for i, ref in enumerate(refs)]
-    assert [future.get(timeout=WAIT_S) for future in futures] == [
-        i * 2 for i in range(10_000)
-    ]
+    assert [future.get(timeout=WAIT_S) for future in futures] == [i * 2 for i in range(10_000)]
     # The pool's four threads already existed: no thread per actor.
     assert threading.active_count() == threads_before
     assert os_thread_count() <= os_threads_before
@@ -436,7 +487,7 @@ def test_default_pool_is_shared_and_used_when_none_is_set() -> None:
     assert ActorPool.default() is ActorPool.default()
     assert ActorPool.default().size == 8
     ref = OnDefault.start()
-    assert ref.ask("where", timeout=WAIT_S).startswith("herald-actor-pool-")
+    assert str(ref.ask("where", timeout=WAIT_S)).startswith("herald-actor-pool-")
     ref.stop()
 
 
@@ -444,11 +495,11 @@ def test_registry_is_off_by_default_and_can_be_turned_on(pool: ActorPool) -> Non
     plain = on_pool(pool, Recorder).start()
     assert pykka.ActorRegistry.get_by_urn(plain.actor_urn) is None
 
-    registered_class = type("Registered", (Recorder,), {
-        "actor_pool": pool,
-        "register_in_registry": True,
-    })
-    registered = registered_class.start()
+    class Registered(Recorder):
+        register_in_registry = True
+        actor_pool = pool
+
+    registered = Registered.start()
     assert pykka.ActorRegistry.get_by_urn(registered.actor_urn) is registered
     assert registered.stop() is True
     assert pykka.ActorRegistry.get_by_urn(registered.actor_urn) is None
@@ -472,7 +523,7 @@ def test_timers_fire_in_deadline_order(wheel: TimerWheel) -> None:
             done.set()
 
     for when in shuffled:
-        wheel.call_at(when, lambda when=when: record(when))
+        wheel.call_at(when, functools.partial(record, when))
     assert done.wait(WAIT_S)
     assert fired == deadlines
     assert len(wheel) == 0
@@ -483,7 +534,7 @@ def test_equal_deadlines_fire_in_arming_order(wheel: TimerWheel) -> None:
     done = threading.Event()
     when = time.monotonic() + 0.02
     for i in range(20):
-        wheel.call_at(when, lambda i=i: fired.append(i))
+        wheel.call_at(when, functools.partial(fired.append, i))
     wheel.call_at(when + 0.001, done.set)
     assert done.wait(WAIT_S)
     assert fired == list(range(20))
@@ -493,7 +544,12 @@ def test_a_new_earlier_timer_wakes_the_wheel(wheel: TimerWheel) -> None:
     order: list[str] = []
     done = threading.Event()
     wheel.call_later(3600, lambda: order.append("late"))
-    wheel.call_later(0.01, lambda: (order.append("soon"), done.set()))
+
+    def soon() -> None:
+        order.append("soon")
+        done.set()
+
+    wheel.call_later(0.01, soon)
     assert done.wait(WAIT_S)
     assert order == ["soon"]
     assert len(wheel) == 1
@@ -504,7 +560,7 @@ def test_cancel(wheel: TimerWheel) -> None:
     done = threading.Event()
     base = time.monotonic() + 0.05
     handles: list[TimerHandle] = [
-        wheel.call_at(base + i * 0.001, lambda i=i: fired.append(i)) for i in range(20)
+        wheel.call_at(base + i * 0.001, functools.partial(fired.append, i)) for i in range(20)
     ]
     for handle in handles[::2]:
         assert handle.cancel() is True

@@ -173,6 +173,8 @@ class ActorPool:
                 # _run_slice() handles the actor's own errors; this is a last
                 # resort so one broken actor cannot take a worker with it.
                 logger.exception("Unexpected error while running %s", actor)
+            # Otherwise the worker keeps the last actor alive while it waits.
+            del actor
 
 
 class PooledActor(pykka.Actor):
@@ -230,8 +232,7 @@ class PooledActor(pykka.Actor):
             return super().start(*args, **kwargs)
         obj = cls(*args, **kwargs)
         assert obj.actor_ref is not None, (
-            "Actor.__init__() has not been called. "
-            "Did you forget to call super() in your override?"
+            "Actor.__init__() has not been called. Did you forget to call super() in your override?"
         )
         logger.debug("Starting %s", obj)
         obj._start_actor_loop()

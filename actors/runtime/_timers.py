@@ -156,7 +156,7 @@ class TimerWheel:
         handle = TimerHandle(self, when, callback)
         with self._condition:
             if self._stopped:
-                msg = f"{self!r} cannot take new timers"
+                msg = f"timer wheel {self._thread.name!r} is stopped"
                 raise RuntimeError(msg)
             heapq.heappush(self._heap, (when, next(self._sequence), handle))
             if self._heap[0][2] is handle:

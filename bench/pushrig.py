@@ -1,0 +1,82 @@
+"""The push scenarios' rig: a fake APNs process, users with one APNs device each, and
+herald's worker(s) in this process or as `python supervisor.py worker` processes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import common
+from bench.apns_server import ApnsServerProcess
+
+
+def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="the fake APNs answers after this many ms (default 0)")
+    parser.add_argument("--shards", type=int, default=1, help="PUSH_SHARDS (default 1)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="worker processes (`python supervisor.py worker`, production "
+                             "only); 0 = one worker in this process (default)")
+    parser.add_argument("--worker-threads", type=int, default=32,
+                        help="Dramatiq threads per worker (default 32 = WORKER_THREADS' "
+                             "default)")
+    parser.add_argument("--inflight-cap", type=int, default=None,
+                        help="PUSH_INFLIGHT_CAP (default: herald's, 200)")
+
+
+@dataclass
+class Rig:
+    herald: Any
+    fake: ApnsServerProcess
+    env: dict[str, str]
+    tmp: Any
+    args: argparse.Namespace
+    processes: list[Any] = field(default_factory=list)
+
+    def start_workers(self) -> None:
+        if self.args.workers <= 0:
+            common.start_worker(self.herald, self.args.worker_threads)
+            return
+        from tests.harness import HeraldProcess
+
+        for _ in range(self.args.workers):
+            worker = HeraldProcess({**self.env, "LOG_LEVEL": "INFO"}, mode="worker",
+                                   cwd=self.tmp)
+            self.processes.append(worker)
+            worker.start(wait=False)
+        from tests.harness import wait_until
+
+        for worker in self.processes:
+            wait_until(lambda w=worker: b"worker started" in w.log.read_bytes(), timeout=60,
+                       what="worker to start")
+
+    def stop(self) -> None:
+        for worker in self.processes:
+            with contextlib.suppress(Exception):
+                worker.terminate(timeout=30)
+            with contextlib.suppress(Exception):
+                worker.__exit__()
+
+
+@contextlib.contextmanager
+def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
+    if args.workers > 0 and args.backend != "production":
+        raise SystemExit("--workers needs --backend production (worker processes share "
+                         "RabbitMQ and PostgreSQL)")
+    with ApnsServerProcess(args.delay_ms) as fake, common.backend(args.backend) as (env, tmp):
+        env = {**env, **fake.env(common.CLIENT_TOPIC), "PUSH_SHARDS": str(args.shards),
+               "WORKER_THREADS": str(args.worker_threads), "OUTBOX_DIR": str(tmp / "outbox")}
+        if args.inflight_cap:
+            env["PUSH_INFLIGHT_CAP"] = str(args.inflight_cap)
+        herald = common.in_process_herald(env)
+        the_rig = Rig(herald, fake, env, tmp, args)
+        try:
+            common.insert_users(users)
+            common.insert_apns_devices(users)
+            yield the_rig
+        finally:
+            the_rig.stop()
+            herald.stop()

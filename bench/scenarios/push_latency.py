@@ -1,0 +1,123 @@
+"""`push-latency`: paced push events; time from publish to the fake APNs receiving it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from bench import common, pushrig
+from bench.common import fmt_ms, fmt_rate, goal, percentile, say, table
+
+NAME = "push-latency"
+SUMMARY = "pushes paced at 750 events/s for ~10 s: ingest → provider-accept latency p50/p99"
+DESCRIPTION = """\
+A running worker (as push-throughput sets it up) and a fake APNs in its own process.
+One thread publishes push events at --rate per second for --seconds (one event per
+user; each parsed and published with intake.publisher.Publisher.publish, on RabbitMQ
+waiting for the publisher confirm). Latency = the time the fake recorded the request
+− time.time() taken just before the event was parsed and published (one machine, one
+clock). --warmup events first open the HTTP/2 connections and are not counted.
+Goals: p50 <= 10 ms, p99 <= 50 ms."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=750.0,
+                        help="events per second (default 750)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long to publish (default 10)")
+    parser.add_argument("--warmup", type=int, default=200,
+                        help="uncounted events sent first (default 200)")
+    pushrig.add_rig_arguments(parser)
+
+
+def _pace(publish: Any, bodies: list[dict[str, Any]], rate: float, limit_s: float,
+          desc: str) -> list[float]:
+    """Publish `bodies` at `rate`/s; returns each event's ingest time (time.time()).
+
+    Never sleeps to catch up when behind; stops after `limit_s` seconds regardless.
+    """
+    from events import parse_event
+
+    stamps: list[float] = []
+    started = time.perf_counter()
+    with common.progress(len(bodies), desc, "ev") as bar:
+        for i, body in enumerate(bodies):
+            due = started + i / rate
+            now = time.perf_counter()
+            if now - started > limit_s:
+                break
+            if due > now:
+                time.sleep(due - now)
+            stamps.append(time.time())
+            publish([parse_event(body)])
+            if i % 50 == 49:
+                bar.update(50)
+    return stamps
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    n = int(args.rate * args.seconds)
+    warm = max(0, args.warmup)
+    users = list(range(1, warm + n + 1))
+    bodies = [common.message_event(u, 3_000_000 + u, ("push",)) for u in users]
+
+    with pushrig.rig(args, users) as rig:
+        rig.start_workers()
+        publish = rig.herald.api.publisher.publish
+        if warm:
+            _pace(publish, bodies[:warm], min(args.rate, 500.0), 60, "warm-up")
+            common.wait_for_count(lambda: int(rig.fake.stats()["count"]), warm, 60, "warm-up",
+                                  0.1, "push")
+        began = time.perf_counter()
+        stamps = _pace(publish, bodies[warm:], args.rate, args.seconds * 3, "paced publish")
+        publish_s = time.perf_counter() - began
+        sent = len(stamps)
+        seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]) - warm, sent,
+                                        120, "pushes accepted", 0.1, "push")
+        log = rig.fake.log()
+
+    published_at = {common.apns_token(users[warm + i]): t for i, t in enumerate(stamps)}
+    arrived: dict[str, float] = {}
+    for t, token, status in log:
+        if token in published_at and status == 200:
+            arrived.setdefault(token, t)
+    latencies = sorted(arrived[k] - published_at[k] for k in arrived)
+    figures = {
+        "target_rate": args.rate, "seconds": args.seconds, "published": sent,
+        "achieved_rate": sent / publish_s if publish_s else None, "accepted": len(latencies),
+        "workers": args.workers or "in-process", "worker_threads": args.worker_threads,
+        "shards": args.shards, "delay_ms": args.delay_ms,
+        "publish_path": "intake.publisher.Publisher.publish (one event per call)",
+        "p50_s": percentile(latencies, 50), "p90_s": percentile(latencies, 90),
+        "p99_s": percentile(latencies, 99), "max_s": latencies[-1] if latencies else None,
+    }
+    say(f"push-latency ({args.backend}, worker "
+        f"{figures['workers']}, fake delay {args.delay_ms:g} ms); events via "
+        f"{figures['publish_path']}")
+    say(table([
+        ("published", f"{sent:,} at {fmt_rate(figures['achieved_rate'])} "
+                      f"(target {args.rate:g}/s)"),
+        ("accepted by the fake", f"{len(latencies):,}"),
+        ("latency p50", fmt_ms(figures["p50_s"])),
+        ("latency p90", fmt_ms(figures["p90_s"])),
+        ("latency p99", fmt_ms(figures["p99_s"])),
+        ("latency max", fmt_ms(figures["max_s"])),
+    ]))
+    ordered = sorted((published_at[k] - stamps[0], arrived[k] - published_at[k])
+                     for k in arrived) if stamps else []
+    return {
+        "figures": figures,
+        "goals": [goal("p50 latency (ms)", _ms(figures["p50_s"]), 10, higher_is_better=False,
+                       unit=" ms"),
+                  goal("p99 latency (ms)", _ms(figures["p99_s"]), 50, higher_is_better=False,
+                       unit=" ms")],
+        "series": {"latency_s": common.downsample(latencies, 5_000),
+                   "time_vs_latency": common.downsample(ordered, 3_000)},
+        "headline": {"p50 ms": _ms(figures["p50_s"]), "p99 ms": _ms(figures["p99_s"]),
+                     "events/s": figures["achieved_rate"]},
+    }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
