@@ -10,21 +10,29 @@ from typing import Any
 import pytest
 
 from tests.conftest import message_event
-from tests.harness import InProcessHerald, rabbit_queue_depth
+from tests.harness import InProcessHerald, backend_env, rabbit_queue_depth
 
 USER = 7
 
 
-@pytest.fixture
-def idle_herald(env: dict[str, str]) -> Iterator[InProcessHerald]:
-    """A herald whose queues nobody consumes, so anything queued stays visible."""
-    h = InProcessHerald({**env, "MAX_BODY_BYTES": "65536"}, start_worker=False)
-    try:
-        h.put_user(USER)
-        h.client.post(f"/v1/users/{USER}/devices", json={"kind": "fcm", "token": "tok-1"})
-        yield h
-    finally:
-        h.stop()
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def idle_herald(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessHerald]:
+    """A herald whose queues nobody consumes, so anything queued stays visible.
+
+    One per backend for the module: every case compares before/after snapshots.
+    """
+    tmp = tmp_path_factory.mktemp("idle")
+    with backend_env(str(request.param), tmp) as values:
+        h = InProcessHerald({**values, "OUTBOX_DIR": str(tmp / "outbox"),
+                             "MAX_BODY_BYTES": "65536"}, start_worker=False)
+        try:
+            h.put_user(USER)
+            h.client.post(f"/v1/users/{USER}/devices", json={"kind": "fcm", "token": "tok-1"})
+            yield h
+        finally:
+            h.stop()
 
 
 def snapshot(h: InProcessHerald) -> dict[str, Any]:
