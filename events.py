@@ -7,7 +7,7 @@ An event travels as JSON: the ingest API validates it with `parse_event`, publis
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -18,18 +18,6 @@ Id = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]
 # A message's id list, as `read` and `message_deleted` carry it.
 IdList = Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 
-TRIGGERS = (
-    "direct_message",
-    "mentioned",
-    "topic_wildcard_mentioned",
-    "stream_wildcard_mentioned",
-    "topic_wildcard_mentioned_in_followed_topic",
-    "stream_wildcard_mentioned_in_followed_topic",
-    "followed_topic_push_notify",
-    "followed_topic_email_notify",
-    "stream_push_notify",
-    "stream_email_notify",
-)
 Trigger = Literal[
     "direct_message",
     "mentioned",
@@ -42,6 +30,7 @@ Trigger = Literal[
     "stream_push_notify",
     "stream_email_notify",
 ]
+TRIGGERS: tuple[str, ...] = get_args(Trigger)
 Channel = Literal["push", "email"]
 _ALL_CHANNELS: tuple[Channel, ...] = ("push", "email")
 

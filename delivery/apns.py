@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
 import json
 import logging
 import ssl
@@ -73,7 +72,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 
-from delivery.outcomes import Outcome, SendResult
+from delivery.outcomes import Outcome, SendResult, parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -355,24 +354,6 @@ def _port(text: str, endpoint: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"APNS_ENDPOINT: bad port in {endpoint!r}")
     return int(text)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date); None if absent/bad."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
 
 
 async def _ignore_error(request: NotificationRequest, result: NotificationResult) -> None:

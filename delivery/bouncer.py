@@ -22,17 +22,14 @@ Errors: timeouts, connection failures, 5xx and 429 raise `TransientDeliveryError
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
-from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError
+from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -276,21 +273,6 @@ def _as_str_list(value: object) -> list[str]:
     return [item for item in value if isinstance(item, str)]
 
 
-_DELTA_SECONDS = re.compile(r"\d+(\.\d+)?")
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent."""
-    if not value:
-        return None
-    value = value.strip()
-    if _DELTA_SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
 
 
 def _truncate(text: str) -> str:

@@ -23,12 +23,9 @@ An `FcmSender` is used from one event loop at a time.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import itertools
 import logging
-import re
 import threading
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,7 +39,7 @@ from firebase_admin import credentials as firebase_credentials
 from firebase_admin import exceptions as firebase_exceptions
 from google.auth.transport import requests as google_auth_requests
 
-from delivery.outcomes import DELIVERED, Outcome, SendResult
+from delivery.outcomes import DELIVERED, Outcome, SendResult, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -323,21 +320,6 @@ def _parse_error_body(response: Any) -> tuple[str | None, str | None, str]:
     )
 
 
-_DELTA_SECONDS = re.compile(r"\d+(\.\d+)?")
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent."""
-    if not value:
-        return None
-    value = value.strip()
-    if _DELTA_SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
 
 
 def _truncate(text: str) -> str:
