@@ -29,7 +29,8 @@ def _outbox(directory: Path) -> list[email.message.Message]:
 def _batch_children(h: InProcessHerald) -> dict[int, Any]:
     router = h.tree.routers().batch
     assert router is not None
-    return dict(router.ask(ChildUrns()))
+    urns: dict[int, Any] = router.ask(ChildUrns())  # type: ignore[assignment]
+    return urns
 
 
 def test_restart_budget_counts_a_sliding_window() -> None:
