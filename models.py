@@ -292,6 +292,23 @@ def migrate(database: pw.Database | None = None) -> list[str]:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
+def in_thread_connection(fn: Any, *args: Any) -> Any:
+    """Run `fn(*args)` on this thread's own connection, opened once and then kept.
+
+    For herald's long-lived, bounded threads (the actor pool, the push engines'
+    database threads): opening a connection per call costs more than the queries
+    (on SQLite, a connect and four PRAGMAs). A connection that failed is closed so
+    the next call opens a fresh one.
+    """
+    db.connect(reuse_if_open=True)
+    try:
+        return fn(*args)
+    except (pw.OperationalError, pw.InterfaceError):
+        if not db.in_transaction():
+            db.close()
+        raise
+
+
 def ping() -> None:
     """Run a trivial query; raises if the database is unreachable."""
     db.execute_sql("SELECT 1").fetchone()

@@ -20,7 +20,7 @@ import peewee as pw
 from delivery.outcomes import Outcome, SendResult
 from events import MessageEvent
 from intake import dead_letters
-from models import Message, PushDevice, PushReceipt, User, UserMessage, db
+from models import Message, PushDevice, PushReceipt, User, UserMessage, db, in_thread_connection
 from rendering.push import Recipient
 
 logger = logging.getLogger("herald.push")
@@ -54,8 +54,8 @@ class RemovePlan:
 
 
 def in_connection(fn: Callable[..., T], *args: Any) -> T:
-    with db.connection_context():
-        return fn(*args)
+    # The engine's database threads are few and long-lived: each keeps its connection.
+    return in_thread_connection(fn, *args)  # type: ignore[no-any-return]
 
 
 def recipient_of(user: User) -> Recipient:

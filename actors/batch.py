@@ -32,7 +32,7 @@ from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, Super
 from events import MessageEvent
 from intake import dead_letters
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
-from models import db
+from models import db, in_thread_connection
 from rendering.email import DigestItem, render_digest
 from rendering.push import Recipient
 from rendering.unsubscribe import unsubscribe_url
@@ -57,7 +57,10 @@ class Record:
 
 @dataclass(frozen=True)
 class Rearm:
-    """Look at the database and set the timer (start, restart, settings change)."""
+    """Set the timer: at `deadline` when the sender read it already (the start-up scan
+    reads every user's deadline in one query), else from the database."""
+
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             self._maybe_retire()
             return result
         if isinstance(message, Rearm):
-            self._arm(_db(store.next_wakeup, self.user_id))
+            known = message.deadline
+            self._arm(known if known is not None else _db(store.next_wakeup, self.user_id))
         elif isinstance(message, FlushNow):
             self._flush(forced=True)
         elif isinstance(message, _Fire):
@@ -400,9 +404,9 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         except Exception:
             logger.exception("could not read pending email users")
             return
-        for user_id, _deadline in pending:
+        for user_id, deadline in pending:
             if user_id not in self._children:
-                self._route(user_id, Rearm())
+                self._route(user_id, Rearm(deadline))
 
     def _schedule_sweep(self) -> None:
         me = self.actor_ref
@@ -443,8 +447,8 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
 
 
 def _db(fn: Callable[..., Any], *args: Any) -> Any:
-    with db.connection_context():
-        return fn(*args)
+    # Pool and router threads are few and long-lived: each keeps its connection.
+    return in_thread_connection(fn, *args)
 
 
 def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
