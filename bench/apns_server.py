@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def serve(delay_ms: float) -> int:
             print(json.dumps(answer), flush=True)
     finally:
         fake.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -67,7 +68,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -298,7 +299,7 @@ def publish_parallel(batches: Sequence[Any], send: Callable[[Any], int], threads
                     batch = todo.pop()
                 try:
                     sent = send(batch)
-                except BaseException as exc:  # noqa: BLE001 - reported below
+                except BaseException as exc:
                     with lock:
                         errors.append(exc)
                     return

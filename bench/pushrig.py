@@ -50,7 +50,8 @@ class Rig:
         from tests.harness import wait_until
 
         for worker in self.processes:
-            wait_until(lambda w=worker: b"worker started" in w.log.read_bytes(), timeout=60,
+            log = worker.log
+            wait_until(lambda: b"worker started" in log.read_bytes(), timeout=60,
                        what="worker to start")
 
     def stop(self) -> None:

@@ -54,7 +54,8 @@ def _broker(backend: str) -> Iterator[Any]:
     from tests.harness import rabbit_vhost
 
     with rabbit_vhost() as url:
-        broker = RabbitmqBroker(url=url, confirm_delivery=False)
+        rabbit = RabbitmqBroker(url=url, confirm_delivery=False)
+        broker = rabbit  # type: ignore[assignment]
         try:
             yield broker
         finally:
@@ -74,8 +75,8 @@ def measure(backend: str, messages: int = DEFAULT_MESSAGES,
             done[0] += 1
 
     with _broker(backend) as broker:
-        actor = dramatiq.actor(noop, broker=broker, actor_name="bench_noop",
-                               queue_name="bench_noop", max_retries=0)
+        actor = dramatiq.actor(broker=broker, actor_name="bench_noop",
+                               queue_name="bench_noop", max_retries=0)(noop)
         started = time.perf_counter()
         with progress(messages, f"baseline: publish ({backend})") as bar:
             for i in range(messages):

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tree.start()
         last = max(deadlines.values())
         timeout = max(0.0, last - time.time()) + 60
-        seen, _ = common.wait_for_count(lambda: len(recorder.sent), n, timeout, "emails sent",
+        _seen, _ = common.wait_for_count(lambda: len(recorder.sent), n, timeout, "emails sent",
                                         0.1, "mail")
         tree.stop(timeout=60)
         database.close()

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stamps = _pace(publish, bodies[warm:], args.rate, args.seconds * 3, "paced publish")
         publish_s = time.perf_counter() - began
         sent = len(stamps)
-        seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]) - warm, sent,
+        _seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]) - warm, sent,
                                         120, "pushes accepted", 0.1, "push")
         log = rig.fake.log()
 

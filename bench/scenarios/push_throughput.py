@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started_wall = time.time()
         rig.start_workers()
         workers_up_s = time.time() - started_wall
-        seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]), n, TIMEOUT,
+        _seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]), n, TIMEOUT,
                                         "pushes accepted", 0.2, "push")
         finished_wall = time.time()
         log = rig.fake.log()
