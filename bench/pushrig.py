@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench import common
@@ -50,8 +52,7 @@ class Rig:
         from tests.harness import wait_until
 
         for worker in self.processes:
-            log = worker.log
-            wait_until(lambda: b"worker started" in log.read_bytes(), timeout=60,
+            wait_until(functools.partial(_started, worker.log), timeout=60,
                        what="worker to start")
 
     def stop(self) -> None:
@@ -81,3 +82,7 @@ def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
         finally:
             the_rig.stop()
             herald.stop()
+
+
+def _started(log: Path) -> bool:
+    return b"worker started" in log.read_bytes()
