@@ -12,10 +12,12 @@ actors compare with `time.time()`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -290,6 +292,19 @@ def migrate(database: pw.Database | None = None) -> list[str]:
         finally:
             if isinstance(database, pw.PostgresqlDatabase):
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+@contextlib.contextmanager
+def write_transaction() -> Iterator[None]:
+    """A transaction that reads then writes: on SQLite it takes the write lock up
+    front (`BEGIN IMMEDIATE`), so no other writer slips in between the read and the
+    write (a deferred transaction would fail with "database is locked")."""
+    if is_postgres():
+        with db.atomic():
+            yield
+    else:
+        with db.atomic("IMMEDIATE"):
+            yield
 
 
 def in_thread_connection(fn: Any, *args: Any) -> Any:

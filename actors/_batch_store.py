@@ -9,9 +9,8 @@ other worker can take them, and no write transaction is held while SMTP talks.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from models import (
     UserMessage,
     db,
     is_postgres,
+    write_transaction,
 )
 from models import (
     ScheduledMessageNotificationEmail as Row,
@@ -32,18 +32,6 @@ from models import (
 
 # A flush's claim on its rows lasts this long; a worker that died mid-send lets go then.
 CLAIM_LEASE_SECONDS = 300.0
-
-
-@contextlib.contextmanager
-def _write_transaction() -> Iterator[None]:
-    if is_postgres():
-        with db.atomic():
-            yield
-    else:
-        # SQLite: take the write lock up front, so the read of the window and the
-        # insert are one step for every other writer.
-        with db.atomic("IMMEDIATE"):
-            yield
 
 
 def _pending(user_id: int, now: float) -> pw.Expression:
@@ -60,7 +48,7 @@ def record(event: MessageEvent, now: float | None = None) -> float | None:
     returns the existing deadline.
     """
     now = time.time() if now is None else now
-    with _write_transaction():
+    with write_transaction():
         query = User.select().where(User.id == event.user_id)
         if is_postgres():
             query = query.for_update()
@@ -117,7 +105,7 @@ def next_wakeup(user_id: int, now: float | None = None) -> float | None:
 def claim_due(user_id: int, claim_id: str, now: float | None = None) -> list[Row]:
     """Claim the user's due rows for one flush; only one claimer can win each row."""
     now = time.time() if now is None else now
-    with _write_transaction():
+    with write_transaction():
         if is_postgres():
             # `record` holds this lock while it picks the window and inserts: without
             # it, a row another worker is adding to the window right now would miss
@@ -173,7 +161,9 @@ def retry_later(
     """Count a failed try on claimed rows and hand them back, due after
     `delay_for(tries)` seconds; returns the tries so far."""
     mine = (Row.claimed_by == claim_id) & Row.message_id.in_(message_ids)
-    with db.atomic():
+    # Read, then write: on SQLite a deferred transaction could not upgrade to a writer
+    # once another connection has written ("database is locked", at once, no waiting).
+    with write_transaction():
         tries = int(Row.select(pw.fn.MAX(Row.attempts)).where(mine).scalar() or 0) + 1
         Row.update(
             claimed_by=None, claimed_until=None, attempts=tries,

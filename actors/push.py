@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pykka
 
@@ -68,10 +68,11 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
         # waiting on their replies would hang: fail those replies as transient (the
         # queue messages are retried once the shard is back). Anything else goes back
         # for Pykka's own teardown.
+        inbox = cast("queue.Queue[Any]", self.actor_inbox)  # a ThreadingActor's inbox
         others = []
         while True:
             try:
-                envelope = self.actor_inbox.get_nowait()
+                envelope = inbox.get_nowait()
             except queue.Empty:
                 break
             if isinstance(envelope.message, PushWork):
@@ -83,4 +84,4 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
             else:
                 others.append(envelope)
         for envelope in others:
-            self.actor_inbox.put(envelope)
+            inbox.put(envelope)

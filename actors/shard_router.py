@@ -67,7 +67,15 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
                      TransientDeliveryError(f"push shard {message.shard} is restarting"), None)
                 )
                 return None
-            child.tell(message.work)
+            try:
+                child.tell(message.work)
+            except pykka.ActorDeadError:
+                # The child just crashed and its ChildFailed is on the way: retry later
+                # rather than let this router (and every sibling shard) die with it.
+                message.work.reply.set_exception(
+                    (TransientDeliveryError,
+                     TransientDeliveryError(f"push shard {message.shard} is restarting"), None)
+                )
         elif isinstance(message, ChildFailed):
             self._on_child_failed(message)
         elif isinstance(message, RestartChild):

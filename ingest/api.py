@@ -39,6 +39,7 @@ from models import (
     ScheduledMessageNotificationEmail,
     User,
     db,
+    write_transaction,
 )
 from rendering.unsubscribe import read_unsubscribe_token
 from settings import Settings
@@ -71,7 +72,7 @@ class HeraldAPI:
             data = UserSettingsIn.model_validate(_object(body))
         except ValidationError as exc:
             raise from_validation(exc) from None
-        with db.atomic():
+        with write_transaction():
             user = User.get_or_none(User.id == uid)
             old_period = user.email_batching_period_seconds if user else None
             fields = data.model_dump()

@@ -405,9 +405,9 @@ def test_flush_now_sends_the_open_batch_at_once(
     urgent = event(7, flush="now")
     sent_at = time.time()
     post(h, urgent)
-    [got] = smtp.wait_for(1, to=addr(7), timeout=5)
+    [got] = smtp.wait_for(1, to=addr(7), timeout=10)
     assert got.message_ids == sorted([mid(waiting), mid(urgent)])
-    assert got.at - sent_at < LATE_MARGIN
+    assert got.at - sent_at < LATE_MARGIN + 2, "not waiting out the 600 s window"
     assert pending(h, 7) == {}
 
     # A second "flush now" while the first one's email is still being sent.
@@ -417,7 +417,7 @@ def test_flush_now_sends_the_open_batch_at_once(
     wait_until(lambda: smtp.attempts[addr(8)] >= 1, timeout=10, what="the first send")
     two = event(8, flush="now")
     post(h, two)
-    emails = smtp.wait_for(2, to=addr(8), timeout=8)
+    emails = smtp.wait_for(2, to=addr(8), timeout=12)
     assert sorted(r.message_ids for r in emails) == [[mid(one)], [mid(two)]]
     assert pending(h, 8) == {}
 

@@ -29,7 +29,7 @@ CLIENT_TOPIC = "org.herald.client"
 IOS_APP_ID = "org.zulip.Zulip"
 REALM = {"realm_name": "Example", "realm_url": "https://chat.example.com"}
 # How long to keep watching for sends that must not happen.
-QUIET_SECONDS = 0.6
+QUIET_SECONDS = 0.5
 
 _ids = itertools.count(50_000)
 
@@ -208,6 +208,17 @@ def fcm_for(fake: FakeFcm, token: str) -> list[FcmRequest]:
     return [r for r in fake.sent() if r.token == token]
 
 
+def wait_for_requests(fake: FakeApns | FakeFcm, token: str, n: int) -> None:
+    """Wait until `fake` has received `n` requests for `token`."""
+
+    def count() -> int:
+        if isinstance(fake, FakeApns):
+            return len(apns_for(fake, token))
+        return len(fcm_for(fake, token))
+
+    wait_until(lambda: count() >= n, what=f"{n} request(s) for {token}")
+
+
 def apns_event(request: RecordedRequest) -> tuple[str, str]:
     """("message", "<id>") or ("remove", "<ids>") for one APNs request."""
     zulip = request.body["zulip"]
@@ -220,6 +231,13 @@ def fcm_event(request: FcmRequest) -> tuple[str, str]:
     if request.data["event"] == "remove":
         return "remove", request.data["zulip_message_ids"]
     return "message", request.data["zulip_message_id"]
+
+
+def arrivals(fake: Any, tokens: set[str]) -> list[tuple[float, Any]]:
+    """(arrival time, request) of what `fake` got for `tokens`, in arrival order."""
+    requests = fake.requests
+    return [(t, r) for t, r in zip(requests.times, list(requests), strict=True)
+            if r.token in tokens]
 
 
 def dead_letters(h: InProcessHerald) -> list[dict[str, Any]]:
@@ -406,14 +424,15 @@ def test_message_deleted_removes_from_users_with_an_active_push(
     progress = Progress()
     post(h, push_event(1, mid), push_event(7, mid), push_event(8, mid))
     for user in (1, 7, 8):
-        wait_until(lambda u=user: apns_for(fake_apns, tokens[u][0])
-                   and fcm_for(fake_fcm, tokens[u][1]), what=f"push to user {user}")
+        apple, android = tokens[user]
+        wait_for_requests(fake_apns, apple, 1)
+        wait_for_requests(fake_fcm, android, 1)
 
     post(h, {"type": "message_deleted", "message_ids": [mid]})
     for user in (1, 7, 8):
         apple, android = tokens[user]
-        wait_until(lambda a=apple: len(apns_for(fake_apns, a)) == 2, what="APNs remove")
-        wait_until(lambda f=android: len(fcm_for(fake_fcm, f)) == 2, what="FCM remove")
+        wait_for_requests(fake_apns, apple, 2)
+        wait_for_requests(fake_fcm, android, 2)
         assert apns_event(apns_for(fake_apns, apple)[1]) == ("remove", str(mid))
         assert fcm_event(fcm_for(fake_fcm, android)[1]) == ("remove", str(mid))
     progress.wait(4)
@@ -443,8 +462,7 @@ def test_message_deleted_waits_for_the_push_in_flight(
     wait_until(lambda: len(apns_for(fake_apns, apple)) == 2, what="remove")
     assert [apns_event(r) for r in apns_for(fake_apns, apple)] == [
         ("message", str(mid)), ("remove", str(mid))]
-    times = [t for t, r in zip(fake_apns.requests.times, fake_apns.requests, strict=True)
-             if r.token == apple]
+    times = [t for t, _ in arrivals(fake_apns, {apple})]
     # The remove is sent only once the push is answered, never alongside it.
     assert times[1] - times[0] >= 0.9
 
@@ -529,9 +547,8 @@ def test_retry_after_is_a_floor(
     progress = Progress()
     post(h, push_event(7))
     progress.wait(1, timeout=30)
-    for requests in (fake_apns.requests, fake_fcm.requests):
-        tries = [(t, r) for t, r in zip(requests.times, requests, strict=True)
-                 if r.token in (apple, android)]
+    for fake in (fake_apns, fake_fcm):
+        tries = arrivals(fake, {apple, android})
         assert [r.status for _, r in tries] == [429, 200]
         assert tries[1][0] - tries[0][0] >= 2.0
 
@@ -640,8 +657,7 @@ def test_push_shards_route_each_user_to_its_queue_and_actor(
     # message_deleted goes to every shard; each removes its own users' pushes.
     post(h, {"type": "message_deleted", "message_ids": [mid]})
     for user in (3, 4, 5):
-        wait_until(lambda u=user: len(fcm_for(fake_fcm, tokens[u])) == 2,
-                   what=f"remove for user {user}")
+        wait_for_requests(fake_fcm, tokens[user], 2)
         assert fcm_event(fcm_for(fake_fcm, tokens[user])[1]) == ("remove", str(mid))
     for p in progress:
         p.wait(2)
@@ -821,6 +837,12 @@ def test_dry_run_without_providers_completes_and_sends_nothing(
 # 13. Supervision ------------------------------------------------------------------------
 
 
+def shard_router_urn(h: InProcessHerald) -> str:
+    router = h.tree.routers().shard
+    assert router is not None
+    return router.actor_urn
+
+
 def _push_actor_urns() -> dict[int, str]:
     from actors.push import PushActor
 
@@ -847,7 +869,7 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     add_device(h, 3, "apns", victim)
     urns = wait_until(lambda: len(_push_actor_urns()) == 2 and _push_actor_urns(),
                       what="two PushActors")
-    router_urn = h.tree.routers().shard.actor_urn
+    router_urn = shard_router_urn(h)
 
     armed: list[bool] = []
     faults: list[int] = []
@@ -886,7 +908,7 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
                        what="two PushActors again")
     assert after[1] != urns[1], "shard 1 was not restarted"
     assert after[0] == urns[0], "shard 0 was restarted too"
-    assert h.tree.routers().shard.actor_urn == router_urn, "the ShardRouter was restarted"
+    assert shard_router_urn(h) == router_urn, "the ShardRouter was restarted"
 
     later = new_id()
     post(h, push_event(3, later), push_event(2))
