@@ -109,8 +109,8 @@ class SmtpInbox:
         return self.emails(to)
 
 
-@pytest.fixture
-def smtp() -> Iterator[SmtpInbox]:
+@pytest.fixture(name="smtp")
+def smtp_server() -> Iterator[SmtpInbox]:
     inbox = SmtpInbox(port=free_port())
     controller = Controller(inbox, hostname="127.0.0.1", port=inbox.port)
     controller.start()

@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from tests.harness import (
     HeraldProcess,
     InProcessHerald,
-    free_port,
     pg_schema,
     rabbit_vhost,
     wait_until,
 )
-from tests.test_email_batching import SmtpInbox, addr, event, mid, pending
+
+# `smtp` is the fixture of the single-worker email tests: one real aiosmtpd server.
+from tests.test_email_batching import (
+    SmtpInbox,
+    addr,
+    event,
+    mid,
+    pending,
+    smtp_server,  # noqa: F401
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.rabbitmq]
 
@@ -39,17 +45,6 @@ CONVERSATIONS: dict[str, dict[str, Any]] = {
     "DMs with Bob": {"stream": None, "sender": "Bob", "sender_id": 4},
 }
 PER_CONVERSATION = 10
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpInbox]:
-    inbox = SmtpInbox(port=free_port())
-    controller = Controller(inbox, hostname="127.0.0.1", port=inbox.port)
-    controller.start()
-    try:
-        yield inbox
-    finally:
-        controller.stop()
 
 
 def test_two_workers_send_each_batch_once_and_whole(smtp: SmtpInbox, tmp_path: Path) -> None:
