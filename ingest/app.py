@@ -79,6 +79,8 @@ def create_app(
             return json.loads(raw), raw
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"invalid JSON: {exc}"[:200], None) from None
+        except RecursionError:
+            raise ApiError(400, "invalid JSON: nested too deeply", None) from None
 
     def endpoint(handler: Callable[..., Any], *, auth: bool = True) -> Callable[..., Any]:
         async def wrapped(request: Request) -> Response:

@@ -104,6 +104,8 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str | None]] =
     ("bad json", "POST", "/v1/events", b'{"type": "message",', None, 400, None),
     ("not json object", "POST", "/v1/events", b"[1, 2]", None, 400, None),
     ("empty body", "POST", "/v1/events", b"", None, 400, None),
+    ("deeply nested JSON", "POST", "/v1/events", b"[" * 30_000 + b"]" * 30_000, None, 400,
+     None),
     ("huge body", "POST", "/v1/events", _big_event(), None, 413, None),
     ("unknown event type", "POST", "/v1/events", _with(type="typing"), None, 422, "type"),
     ("missing type", "POST", "/v1/events", _without("type"), None, 422, "type"),
