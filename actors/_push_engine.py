@@ -32,7 +32,6 @@ from delivery.outcomes import (
     TransientDeliveryError,
 )
 from events import MessageDeletedEvent, MessageEvent, ReadEvent
-from intake import dead_letters
 from metrics import PUSH_LATENCY, PUSHES
 from rendering.push import (
     Recipient,
@@ -407,5 +406,3 @@ def build_providers(settings: Settings) -> tuple[Any, Any, Any]:
         )
     return apns, fcm, bouncer
 
-
-__all__ = ["PushEngine", "PushWork", "build_providers", "dead_letters"]

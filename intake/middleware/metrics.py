@@ -6,9 +6,9 @@ from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
+from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 
-from intake.broker_names import canonical_queue
 from metrics import EVENTS_PROCESSED
 
 
@@ -24,4 +24,4 @@ class IntakeMetrics(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         if exception is None:
-            EVENTS_PROCESSED.labels(canonical_queue(message.queue_name)).inc()
+            EVENTS_PROCESSED.labels(q_name(message.queue_name)).inc()

@@ -13,12 +13,11 @@ from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
-from dramatiq.common import compute_backoff
+from dramatiq.common import compute_backoff, q_name
 from dramatiq.middleware import Middleware
 
 from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError
 from intake import dead_letters
-from intake.broker_names import canonical_queue
 from metrics import EVENTS_FAILED, EVENTS_RETRIED
 
 logger = logging.getLogger("herald.intake.retries")
@@ -57,7 +56,7 @@ class RetryWithBackoff(Middleware):
     ) -> None:
         if exception is None:
             return
-        queue = canonical_queue(message.queue_name)
+        queue = q_name(message.queue_name)
         tries = int(message.options.get("retries", 0)) + 1
         reason = _reason(exception)
         permanent = isinstance(exception, PermanentDeliveryError | InvalidMessage)
