@@ -10,7 +10,7 @@ other worker can take them, and no write transaction is held while SMTP talks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ from models import (
 
 # A flush's claim on its rows lasts this long; a worker that died mid-send lets go then.
 CLAIM_LEASE_SECONDS = 300.0
+# Rows per multi-row INSERT (well under SQLite's and PostgreSQL's parameter limits).
+INSERT_CHUNK = 500
 
 
 def _pending(user_id: int, now: float) -> pw.Expression:
@@ -40,52 +42,96 @@ def _pending(user_id: int, now: float) -> pw.Expression:
     )
 
 
-def record(event: MessageEvent, now: float | None = None) -> float | None:
-    """Commit `event`'s row in its user's batch; return the window's deadline.
+def record_many(events: Sequence[MessageEvent], now: float | None = None) -> list[float | None]:
+    """Add each event's row to its user's batch, in one transaction the caller holds;
+    return each event's window deadline, in order.
 
-    Returns None when nothing was recorded: unknown user, bot, email off, or the
-    message already read or deleted. Redelivery of the same event is a no-op that
-    returns the existing deadline.
+    An event gets None when nothing was recorded: unknown user, bot, email off, or the
+    message already read or deleted. Redelivery of an event is a no-op that returns the
+    existing row's deadline. Set-based: a handful of statements for the whole group,
+    whatever its size, which is what lets intake keep up with the queue.
     """
     now = time.time() if now is None else now
-    with write_transaction():
-        query = User.select().where(User.id == event.user_id)
-        if is_postgres():
-            query = query.for_update()
-        user = query.first()
-        if user is None or user.is_bot or not user.enable_offline_email_notifications:
-            return None
-        message = event.message
-        data = message.model_dump_json()
-        Message.insert(id=message.id, data=data).on_conflict(
-            conflict_target=[Message.id], update={Message.data: data}
+    user_ids = sorted({e.user_id for e in events})
+    users_query = (
+        User.select(User.id, User.is_bot, User.enable_offline_email_notifications,
+                    User.email_batching_period_seconds)
+        .where(User.id.in_(user_ids)).order_by(User.id)
+    )
+    if is_postgres():
+        # Locked in id order, so two workers' groups never deadlock on each other;
+        # `claim_due` takes the same lock (see there).
+        users_query = users_query.for_update()
+    periods = {
+        uid: float(period) for uid, bot, email_on, period in _tuples(users_query)
+        if not bot and email_on
+    }
+    wanted = [e for e in events if e.user_id in periods]
+    results: list[float | None] = [None] * len(events)
+    if not wanted:
+        return results
+    message_ids = sorted({e.message.id for e in wanted})
+    wanted_users = sorted({e.user_id for e in wanted})
+    snapshots = {e.message.id: e.message.model_dump_json() for e in wanted}
+    snapshot_rows: list[tuple[Any, ...]] = sorted(snapshots.items())
+    for chunk in pw.chunked(snapshot_rows, INSERT_CHUNK):
+        Message.insert_many(chunk, fields=[Message.id, Message.data]).on_conflict(
+            conflict_target=[Message.id], update={Message.data: pw.EXCLUDED.data}
         ).execute()
-        UserMessage.insert(user_id=user.id, message_id=message.id).on_conflict_ignore().execute()
-        flags = UserMessage.get(
-            (UserMessage.user_id == user.id) & (UserMessage.message_id == message.id)
-        )
-        if flags.read or Message.get_by_id(message.id).deleted:
-            return None
-        existing = Row.get_or_none((Row.user_id == user.id) & (Row.message_id == message.id))
-        if existing is not None:
-            return float(existing.scheduled_timestamp)
-        open_window = (
-            Row.select(pw.fn.MIN(Row.scheduled_timestamp)).where(_pending(user.id, now)).scalar()
-        )
-        deadline = (
-            float(open_window)
-            if open_window is not None
-            else now + user.email_batching_period_seconds
-        )
-        Row.insert(
-            user_id=user.id,
-            message_id=message.id,
-            trigger=event.trigger,
-            mentioned_user_group_id=event.mentioned_user_group_id,
-            mentioned_user_group_name=event.mentioned_user_group_name,
-            scheduled_timestamp=deadline,
+    pairs: list[tuple[Any, ...]] = sorted({(e.user_id, e.message.id) for e in wanted})
+    for chunk in pw.chunked(pairs, INSERT_CHUNK):
+        UserMessage.insert_many(
+            chunk, fields=[UserMessage.user_id, UserMessage.message_id]
         ).on_conflict_ignore().execute()
-        return deadline
+    read = set(_tuples(
+        UserMessage.select(UserMessage.user_id, UserMessage.message_id).where(
+            UserMessage.user_id.in_(wanted_users) & UserMessage.message_id.in_(message_ids)
+            & (UserMessage.read == True)  # noqa: E712 - peewee expression
+        )
+    ))
+    deleted = {
+        mid for (mid,) in _tuples(Message.select(Message.id).where(
+            Message.id.in_(message_ids) & (Message.deleted == True)  # noqa: E712
+        ))
+    }
+    existing: dict[tuple[int, int], float] = {
+        (uid, mid): float(at) for uid, mid, at in _tuples(Row.select(
+            Row.user_id, Row.message_id, Row.scheduled_timestamp
+        ).where(Row.user_id.in_(wanted_users) & Row.message_id.in_(message_ids)))
+    }
+    windows: dict[int, float] = {
+        uid: float(at) for uid, at in _tuples(Row.select(
+            Row.user_id, pw.fn.MIN(Row.scheduled_timestamp)
+        ).where(
+            Row.user_id.in_(wanted_users)
+            & (Row.claimed_by.is_null() | (Row.claimed_until < now))
+        ).group_by(Row.user_id))
+    }
+    new_rows: list[tuple[Any, ...]] = []
+    index = {id(e): i for i, e in enumerate(events)}
+    for event in wanted:
+        key = (event.user_id, event.message.id)
+        if key in read or event.message.id in deleted:
+            continue
+        if key in existing:
+            results[index[id(event)]] = existing[key]
+            continue
+        # The first message opens the window; later ones join it without moving it.
+        deadline = windows.setdefault(event.user_id, now + periods[event.user_id])
+        existing[key] = deadline
+        results[index[id(event)]] = deadline
+        new_rows.append((event.user_id, event.message.id, event.trigger,
+                         event.mentioned_user_group_id, event.mentioned_user_group_name,
+                         deadline))
+    fields = [Row.user_id, Row.message_id, Row.trigger, Row.mentioned_user_group_id,
+              Row.mentioned_user_group_name, Row.scheduled_timestamp]
+    for chunk in pw.chunked(new_rows, INSERT_CHUNK):
+        Row.insert_many(chunk, fields=fields).on_conflict_ignore().execute()
+    return results
+
+
+def _tuples(query: Any) -> list[tuple[Any, ...]]:
+    return list(query.tuples())
 
 
 def next_wakeup(user_id: int, now: float | None = None) -> float | None:

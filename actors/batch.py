@@ -1,10 +1,12 @@
 """Email batching: BatchRouter and one UserBatchActor per user with pending email.
 
-Everything about one user's batch happens in that user's UserBatchActor, so
-"join the open window or open a new one" has no race inside a process (and the row
-lock in `_batch_store.record` covers other processes). The actor's timer fires at the
-deadline (a shared `TimerWheel`, not a poll); at flush it claims the due rows, renders,
-hands the emails to the `MailDispatcher`, and deletes the rows once they are sent.
+New rows are committed in groups by the `EmailRecorder` (one writer thread, so
+"join the open window or open a new one" has no race inside a process, and the user
+row lock in `_batch_store.record_many` covers other processes); it then tells the
+BatchRouter whose timers to arm. Everything else about one user's batch happens in
+that user's UserBatchActor. The actor's timer fires at the deadline (a shared
+`TimerWheel`, not a poll); at flush it claims the due rows, renders, hands the emails
+to the `MailDispatcher`, and deletes the rows once they are sent.
 
 UserBatchActors are `PooledActor`s: 100,000 of them share a few threads. The
 BatchRouter (its own thread) creates them on demand, supervises them, and retires
@@ -26,10 +28,10 @@ import pykka
 from dramatiq.common import compute_backoff
 
 from actors import _batch_store as store
+from actors._email_recorder import Recorded
 from actors._mail import MailDispatcher, SendOutcome
 from actors.runtime import PooledActor, TimerHandle, TimerWheel
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
-from events import MessageEvent
 from intake import dead_letters
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
 from models import db, in_thread_connection
@@ -46,13 +48,6 @@ SWEEP_INTERVAL_SECONDS = 60.0
 
 
 # Messages ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    """Commit this email event's row (asked; the answer means "durably recorded")."""
-
-    event: MessageEvent
 
 
 @dataclass(frozen=True)
@@ -163,12 +158,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     # Pykka hooks (pool thread) ---------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Record | Rearm | FlushNow):
+        if isinstance(message, Rearm | FlushNow):
             self._handled += 1  # only what the router routed counts toward retiring
-        if isinstance(message, Record):
-            result = self._record(message.event)
-            self._maybe_retire()
-            return result
         if isinstance(message, Rearm):
             known = message.deadline
             self._arm(known if known is not None else _db(store.next_wakeup, self.user_id))
@@ -188,17 +179,6 @@ class UserBatchActor(SupervisedMixin, PooledActor):
 
     def on_crash(self) -> None:
         self._cancel_timer()
-
-    # Recording -----------------------------------------------------------------------
-
-    def _record(self, event: MessageEvent) -> float | None:
-        deadline = _db(store.record, event)
-        if deadline is not None:
-            if event.flush == "now":
-                self._flush(forced=True)
-            else:
-                self._arm(deadline)
-        return deadline
 
     # Timer ---------------------------------------------------------------------------
 
@@ -359,6 +339,11 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Route):
             return self._route(message.user_id, message.message)
+        if isinstance(message, Recorded):
+            for user_id, deadline in message.arm.items():
+                self._tell_child(user_id, FlushNow() if user_id in message.flush_now
+                                 else Rearm(deadline))
+            return None
         if isinstance(message, _Retire):
             self._retire(message)
         elif isinstance(message, ChildFailed):
@@ -380,6 +365,13 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
             entry = self._start_child(user_id)
         entry[1] += 1
         return entry[0].ask(message, block=False)  # type: ignore[no-any-return]
+
+    def _tell_child(self, user_id: int, message: Any) -> None:
+        entry = self._children.get(user_id)
+        if entry is None:
+            entry = self._start_child(user_id)
+        entry[1] += 1
+        entry[0].tell(message)
 
     def _start_child(self, user_id: int) -> list[Any]:
         ref = UserBatchActor.start(user_id, self.ctx, self.actor_ref)
@@ -406,7 +398,7 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
             return
         for user_id, deadline in pending:
             if user_id not in self._children:
-                self._route(user_id, Rearm(deadline))
+                self._tell_child(user_id, Rearm(deadline))
 
     def _schedule_sweep(self) -> None:
         me = self.actor_ref

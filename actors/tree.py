@@ -22,6 +22,7 @@ from typing import Any
 import pykka
 
 from actors import _batch_store as batch_store
+from actors._email_recorder import EmailRecorder, Recorded
 from actors._mail import MailDispatcher
 from actors._push_engine import PushWork
 from actors.batch import (
@@ -29,7 +30,6 @@ from actors.batch import (
     BatchRouter,
     PendingCount,
     Rearm,
-    Record,
     Route,
     UserBatchActor,
     new_worker_id,
@@ -39,8 +39,6 @@ from actors.shard_router import RoutePush, ShardRouter
 from actors.supervision import ChildFailed, RestartChild, SupervisorMixin
 from delivery.outcomes import TransientDeliveryError
 from delivery.smtp import Mailer
-from events import MessageDeletedEvent, MessageEvent, ReadEvent
-from models import db
 from settings import Settings
 
 logger = logging.getLogger("herald.actors")
@@ -147,6 +145,7 @@ class ActorTree:
         self.pool: ActorPool | None = None
         self.timers: TimerWheel | None = None
         self.mail: MailDispatcher | None = None
+        self.recorder: EmailRecorder | None = None
         self.root: pykka.ActorRef[Any] | None = None
 
     def start(self) -> None:
@@ -165,6 +164,8 @@ class ActorTree:
         }
         self.root = RootSupervisor.start(s, make, self._publish, self._give_up)
         self._wait_for_routers()
+        self.recorder = EmailRecorder(self._recorded)
+        self.recorder.start()
 
     def _publish(self, children: dict[str, pykka.ActorRef[Any]]) -> None:
         with self._routers_changed:
@@ -183,6 +184,8 @@ class ActorTree:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the tree: routers finish in-flight work and stop their children."""
+        if self.recorder is not None:
+            self.recorder.stop()  # its last groups still reach the batch router
         if self.root is not None:
             try:
                 self.root.stop(block=True, timeout=timeout)
@@ -210,12 +213,20 @@ class ActorTree:
     def email(self, event: Any, command: dict[str, Any] | None) -> None:
         if command is not None:
             self._email_command(command)
-        elif isinstance(event, MessageEvent):
-            _wait(self._route(event.user_id, Record(event)))
-        elif isinstance(event, ReadEvent):
-            _db(batch_store.drop_read, event.user_id, event.message_ids)
-        elif isinstance(event, MessageDeletedEvent):
-            _db(batch_store.drop_deleted, event.message_ids)
+            return
+        if self.recorder is None:
+            raise TransientDeliveryError("email recorder is not running")
+        _wait(self.recorder.submit(event))
+
+    def _recorded(self, recorded: Recorded) -> None:
+        """Runs on the recorder's thread after each commit: arm the users' timers."""
+        routers = self._routers
+        if routers.batch is None:
+            return  # restarting: the new router re-arms every pending user on start
+        try:
+            routers.batch.tell(recorded)
+        except pykka.ActorDeadError:
+            pass  # likewise
 
     def _email_command(self, command: dict[str, Any]) -> None:
         user_id = int(command["user_id"])
@@ -255,5 +266,7 @@ def _wait(future: pykka.Future[Any]) -> Any:
 
 
 def _db(fn: Callable[..., Any], *args: Any) -> Any:
+    from models import db
+
     with db.connection_context():
         return fn(*args)

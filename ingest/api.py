@@ -82,13 +82,16 @@ class HeraldAPI:
                 User.update(updated_at=time.time(), **fields).where(User.id == uid).execute()
                 user = User.get_by_id(uid)
             shift = 0 if old_period is None else data.email_batching_period_seconds - old_period
+            Row = ScheduledMessageNotificationEmail
             if shift:
-                Row = ScheduledMessageNotificationEmail
                 Row.update(scheduled_timestamp=Row.scheduled_timestamp + shift).where(
                     (Row.user_id == uid) & Row.claimed_by.is_null()
                 ).execute()
-        if shift:
-            # The worker holding this user's batch must re-read the moved deadline.
+            has_batch = Row.select().where(Row.user_id == uid).exists()
+        if shift or has_batch:
+            # The worker holding this user's batch must re-read the deadline. Sent on
+            # every PUT while a batch is open, not only on a change: a PUT retried after
+            # this publish failed finds nothing to change, and must still re-arm.
             self._command(EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REARM_USER, {"user_id": uid})
         return user.as_dict()  # type: ignore[no-any-return]
 

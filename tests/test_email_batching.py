@@ -255,6 +255,43 @@ def test_changing_the_period_moves_the_open_window(
     assert len(smtp.emails()) == 2
 
 
+def test_a_retried_put_rearms_after_the_rearm_publish_failed(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dramatiq.errors import ConnectionClosed
+
+    from intake.consumers import COMMAND_REARM_USER
+
+    h = start()
+    h.put_user(8, email_batching_period_seconds=60)  # will shrink to 2
+    e = event(8)
+    post(h, e)
+    old_deadline = wait_pending(h, 8, [mid(e)])[mid(e)]
+
+    rearms: list[Any] = []
+    outages = [ConnectionClosed(OSError("broker went away"))]
+    enqueue = h.broker.enqueue
+
+    def flaky(message: Any, **kwargs: Any) -> Any:
+        if message.kwargs.get("command") == COMMAND_REARM_USER:
+            rearms.append(message.args[0])
+            if outages:
+                raise outages.pop()
+        return enqueue(message, **kwargs)
+
+    monkeypatch.setattr(h.broker, "enqueue", flaky)
+    body = {"email": addr(8), "full_name": "User 8", "email_batching_period_seconds": 2}
+    failed = h.client.put("/v1/users/8", json=body)
+    assert failed.status_code == 503, failed.text
+    moved = pending(h, 8)[mid(e)]
+    assert moved == pytest.approx(old_deadline - 58), "the change was committed"
+
+    h.put_user(8, email_batching_period_seconds=2)  # the retry: nothing left to change
+    assert rearms == [{"user_id": 8}, {"user_id": 8}], "the retry must re-arm the batch"
+    [got] = smtp.wait_for(1, to=addr(8), timeout=moved - time.time() + LATE_MARGIN)
+    assert moved <= got.at <= moved + LATE_MARGIN, "sent at the new, earlier deadline"
+
+
 # 3. Read and deleted messages ---------------------------------------------------------
 
 
