@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     RETRY_MAX_BACKOFF_MS: int = Field(300_000, ge=1)
     RETRY_MAX_TRIES: int = Field(10, ge=1, le=1000)
 
-    # Dramatiq consumer threads per worker process.
-    WORKER_THREADS: int = Field(32, ge=1, le=1024)
+    # Dramatiq consumer threads per worker process. Each waits while its event is being
+    # recorded or pushed, so this bounds the events in flight per process.
+    WORKER_THREADS: int = Field(64, ge=1, le=1024)
     # Threads shared by all pooled actors (one UserBatchActor per pending user).
     ACTOR_POOL_THREADS: int = Field(8, ge=1, le=256)
     # Erlang-style restart intensity: at most this many restarts ...

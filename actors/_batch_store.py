@@ -16,6 +16,7 @@ from typing import Any
 
 import peewee as pw
 
+from actors import _sql as sql
 from events import Message as MessageData
 from events import MessageEvent
 from models import (
@@ -32,8 +33,10 @@ from models import (
 
 # A flush's claim on its rows lasts this long; a worker that died mid-send lets go then.
 CLAIM_LEASE_SECONDS = 300.0
-# Rows per multi-row INSERT (well under SQLite's and PostgreSQL's parameter limits).
-INSERT_CHUNK = 500
+_USER = sql.quoted(User)
+_MESSAGE = sql.quoted(Message)
+_USER_MESSAGE = sql.quoted(UserMessage)
+_ROW = sql.quoted(Row)
 
 
 def _pending(user_id: int, now: float) -> pw.Expression:
@@ -48,64 +51,63 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
 
     An event gets None when nothing was recorded: unknown user, bot, email off, or the
     message already read or deleted. Redelivery of an event is a no-op that returns the
-    existing row's deadline. Set-based: a handful of statements for the whole group,
-    whatever its size, which is what lets intake keep up with the queue.
+    existing row's deadline. Set-based: eight statements for the whole group, whatever
+    its size, which is what lets intake keep up with the queue.
     """
     now = time.time() if now is None else now
-    user_ids = sorted({e.user_id for e in events})
-    users_query = (
-        User.select(User.id, User.is_bot, User.enable_offline_email_notifications,
-                    User.email_batching_period_seconds)
-        .where(User.id.in_(user_ids)).order_by(User.id)
-    )
-    if is_postgres():
-        # Locked in id order, so two workers' groups never deadlock on each other;
-        # `claim_due` takes the same lock (see there).
-        users_query = users_query.for_update()
+    # Locked in id order, so two workers' groups never deadlock on each other;
+    # `claim_due` takes the same lock (see there).
     periods = {
-        uid: float(period) for uid, bot, email_on, period in _tuples(users_query)
+        uid: float(period) for uid, bot, email_on, period in sql.rows(
+            "SELECT id, is_bot, enable_offline_email_notifications, "
+            f"email_batching_period_seconds FROM {_USER} WHERE {sql.any_of('id')} "
+            f"ORDER BY id{sql.for_update()}",
+            [sql.ids({e.user_id for e in events})],
+        )
         if not bot and email_on
     }
     wanted = [e for e in events if e.user_id in periods]
     results: list[float | None] = [None] * len(events)
     if not wanted:
         return results
-    message_ids = sorted({e.message.id for e in wanted})
-    wanted_users = sorted({e.user_id for e in wanted})
+    message_ids = sql.ids(sorted({e.message.id for e in wanted}))
+    wanted_users = sql.ids(sorted({e.user_id for e in wanted}))
     snapshots = {e.message.id: e.message.model_dump_json() for e in wanted}
-    snapshot_rows: list[tuple[Any, ...]] = sorted(snapshots.items())
-    for chunk in pw.chunked(snapshot_rows, INSERT_CHUNK):
-        Message.insert_many(chunk, fields=[Message.id, Message.data]).on_conflict(
-            conflict_target=[Message.id], update={Message.data: pw.EXCLUDED.data}
-        ).execute()
-    pairs: list[tuple[Any, ...]] = sorted({(e.user_id, e.message.id) for e in wanted})
-    for chunk in pw.chunked(pairs, INSERT_CHUNK):
-        UserMessage.insert_many(
-            chunk, fields=[UserMessage.user_id, UserMessage.message_id]
-        ).on_conflict_ignore().execute()
-    read = set(_tuples(
-        UserMessage.select(UserMessage.user_id, UserMessage.message_id).where(
-            UserMessage.user_id.in_(wanted_users) & UserMessage.message_id.in_(message_ids)
-            & (UserMessage.read == True)  # noqa: E712 - peewee expression
-        )
+    sql.insert(
+        f"INSERT INTO {_MESSAGE} (id, data, deleted, created_at)",
+        [(mid, data, False, now) for mid, data in sorted(snapshots.items())],
+        "ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+    )
+    sql.insert(
+        f"INSERT INTO {_USER_MESSAGE} (user_id, message_id, read, active_push)",
+        [(uid, mid, False, False) for uid, mid in sorted({(e.user_id, e.message.id)
+                                                          for e in wanted})],
+        "ON CONFLICT (user_id, message_id) DO NOTHING",
+    )
+    read = set(sql.rows(
+        f"SELECT user_id, message_id FROM {_USER_MESSAGE} WHERE {sql.any_of('user_id')} "
+        f"AND {sql.any_of('message_id')} AND read = TRUE",
+        [wanted_users, message_ids],
     ))
-    deleted = {
-        mid for (mid,) in _tuples(Message.select(Message.id).where(
-            Message.id.in_(message_ids) & (Message.deleted == True)  # noqa: E712
-        ))
-    }
+    deleted = {mid for (mid,) in sql.rows(
+        f"SELECT id FROM {_MESSAGE} WHERE {sql.any_of('id')} AND deleted = TRUE",
+        [message_ids],
+    )}
     existing: dict[tuple[int, int], float] = {
-        (uid, mid): float(at) for uid, mid, at in _tuples(Row.select(
-            Row.user_id, Row.message_id, Row.scheduled_timestamp
-        ).where(Row.user_id.in_(wanted_users) & Row.message_id.in_(message_ids)))
+        (uid, mid): float(at) for uid, mid, at in sql.rows(
+            f"SELECT user_id, message_id, scheduled_timestamp FROM {_ROW} "
+            f"WHERE {sql.any_of('user_id')} AND {sql.any_of('message_id')}",
+            [wanted_users, message_ids],
+        )
     }
+    p = sql.param()
     windows: dict[int, float] = {
-        uid: float(at) for uid, at in _tuples(Row.select(
-            Row.user_id, pw.fn.MIN(Row.scheduled_timestamp)
-        ).where(
-            Row.user_id.in_(wanted_users)
-            & (Row.claimed_by.is_null() | (Row.claimed_until < now))
-        ).group_by(Row.user_id))
+        uid: float(at) for uid, at in sql.rows(
+            f"SELECT user_id, MIN(scheduled_timestamp) FROM {_ROW} "
+            f"WHERE {sql.any_of('user_id')} "
+            f"AND (claimed_by IS NULL OR claimed_until < {p}) GROUP BY user_id",
+            [wanted_users, now],
+        )
     }
     new_rows: list[tuple[Any, ...]] = []
     index = {id(e): i for i, e in enumerate(events)}
@@ -122,16 +124,14 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
         results[index[id(event)]] = deadline
         new_rows.append((event.user_id, event.message.id, event.trigger,
                          event.mentioned_user_group_id, event.mentioned_user_group_name,
-                         deadline))
-    fields = [Row.user_id, Row.message_id, Row.trigger, Row.mentioned_user_group_id,
-              Row.mentioned_user_group_name, Row.scheduled_timestamp]
-    for chunk in pw.chunked(new_rows, INSERT_CHUNK):
-        Row.insert_many(chunk, fields=fields).on_conflict_ignore().execute()
+                         deadline, 0, now))
+    sql.insert(
+        f"INSERT INTO {_ROW} (user_id, message_id, trigger, mentioned_user_group_id, "
+        "mentioned_user_group_name, scheduled_timestamp, attempts, created_at)",
+        new_rows,
+        "ON CONFLICT (user_id, message_id) DO NOTHING",
+    )
     return results
-
-
-def _tuples(query: Any) -> list[tuple[Any, ...]]:
-    return list(query.tuples())
 
 
 def next_wakeup(user_id: int, now: float | None = None) -> float | None:

@@ -21,6 +21,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKENDS = ("embedded", "production")
@@ -32,6 +34,8 @@ CLIENT_TOPIC = "org.herald.bench"
 REALM = {"realm_name": "Bench", "realm_url": "https://chat.example.com"}
 # A batching period long enough that nothing flushes during a benchmark (seconds).
 LONG_BATCHING_PERIOD = 86_400
+# A worker's Dramatiq threads unless a scenario is told otherwise: the shipped default.
+DEFAULT_WORKER_THREADS: int = Settings.model_fields["WORKER_THREADS"].default
 # Rows per INSERT statement in bulk loads.
 INSERT_CHUNK = 1_000
 

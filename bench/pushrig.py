@@ -22,9 +22,9 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes (`python supervisor.py worker`, production "
                              "only); 0 = one worker in this process (default)")
-    parser.add_argument("--worker-threads", type=int, default=32,
-                        help="Dramatiq threads per worker (default 32 = WORKER_THREADS' "
-                             "default)")
+    parser.add_argument("--worker-threads", type=int, default=common.DEFAULT_WORKER_THREADS,
+                        help="Dramatiq threads per worker (default "
+                             f"{common.DEFAULT_WORKER_THREADS} = WORKER_THREADS' default)")
     parser.add_argument("--inflight-cap", type=int, default=None,
                         help="PUSH_INFLIGHT_CAP (default: herald's, 200)")
 

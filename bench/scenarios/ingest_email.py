@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="events per submit_events call (default 500)")
     parser.add_argument("--publish-threads", type=int, default=4,
                         help="threads calling submit_events (default 4)")
-    parser.add_argument("--worker-threads", type=int, default=8,
-                        help="Dramatiq worker threads (default 8, as tests.harness)")
+    parser.add_argument("--worker-threads", type=int, default=common.DEFAULT_WORKER_THREADS,
+                        help="Dramatiq worker threads (default: WORKER_THREADS' default, "
+                             f"{common.DEFAULT_WORKER_THREADS})")
     parser.add_argument("--mode", choices=("drain", "live"), default="drain")
     parser.add_argument("--baseline-messages", type=int, default=baseline.DEFAULT_MESSAGES)
 
