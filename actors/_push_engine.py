@@ -53,6 +53,8 @@ APNS_PRIORITY_MESSAGE = 10
 APNS_PRIORITY_REMOVE = 5
 # Threads the engine uses for database calls.
 DB_THREADS = 4
+# The most pushes one batched database call (one transaction) takes.
+DB_BATCH_MAX = 500
 # Seconds to wait for the event loop to start or finish.
 LOOP_WAIT_SECONDS = 10.0
 
@@ -97,6 +99,8 @@ class PushEngine:
         self.bouncer: Any = None
         self._apns_cap: asyncio.Semaphore | None = None
         self._fcm_cap: asyncio.Semaphore | None = None
+        self._plan = _Batched(self._run_db, store.plan_pushes)
+        self._record = _Batched(self._run_db, _record_all, many_results=False)
 
     # Lifecycle (called from the PushActor's thread) --------------------------------
 
@@ -201,7 +205,7 @@ class PushEngine:
     # Messages ------------------------------------------------------------------------
 
     async def _push_message(self, event: MessageEvent) -> None:
-        plan = await self._run_db(store.plan_push, event)
+        plan = await self._plan(event)
         if plan is None:
             return
         recipient: Recipient = plan.recipient
@@ -217,13 +221,15 @@ class PushEngine:
             )
             return
         sends = []
+        apns: dict[str, Any] | None = None
+        fcm: dict[str, str] | None = None
         for device in plan.devices:
             if device.kind == "apns":
-                payload = apns_payload(recipient, event, redact=redact)
-                sends.append(self._send_apns(device, payload, APNS_PRIORITY_MESSAGE))
+                apns = apns or apns_payload(recipient, event, redact=redact)
+                sends.append(self._send_apns(device, apns, APNS_PRIORITY_MESSAGE))
             else:
-                sends.append(self._send_fcm(device, fcm_data(recipient, event, redact=redact),
-                                            "high"))
+                fcm = fcm or fcm_data(recipient, event, redact=redact)
+                sends.append(self._send_fcm(device, fcm, "high"))
         results = await asyncio.gather(*sends)
         await self._settle(plan.user_id, event.message.id, store.EVENT_MESSAGE,
                            list(zip(plan.devices, results, strict=True)))
@@ -256,7 +262,7 @@ class PushEngine:
         self, user_id: int, message_id: int, event: str, results: list[tuple[Any, SendResult]]
     ) -> None:
         """Record what each device said; raise to retry the devices that can be retried."""
-        await self._run_db(store.record_results, user_id, message_id, event, results)
+        await self._record([(user_id, message_id, event, d, r) for d, r in results])
         transient = [(d, r) for d, r in results if r.outcome is Outcome.TRANSIENT]
         if transient:
             floors = [r.retry_after for _, r in transient if r.retry_after]
@@ -335,8 +341,8 @@ class PushEngine:
              else DELIVERED)
             for d in plan.devices
         ]
-        await self._run_db(store.record_results, plan.user_id, message_id, receipt_event,
-                           outcomes)
+        await self._record([(plan.user_id, message_id, receipt_event, d, r)
+                            for d, r in outcomes])
 
     async def _bouncer_command(self, command: dict[str, Any]) -> None:
         if self.bouncer is None:
@@ -348,6 +354,68 @@ class PushEngine:
             await self.bouncer.register(ios_app_id=command.get("ios_app_id"), **args)
         else:
             await self.bouncer.unregister(**args)
+
+
+class _Batched:
+    """Runs many coroutines' calls of one database function as one call.
+
+    Parameters:
+      run_db: runs a function on the engine's database threads.
+      fn: takes a list of arguments; returns one result per argument when
+        `many_results`, else None for all.
+      many_results: whether `fn` answers per argument.
+
+    Calls that arrive while a batch is in the database wait and go together in the
+    next one, so the batch grows with the load and a lone call is not held back. A
+    batch that fails is retried one call at a time, so one bad call fails alone.
+    Runs on the engine's loop.
+    """
+
+    def __init__(self, run_db: Callable[..., Coroutine[Any, Any, Any]],
+                 fn: Callable[[list[Any]], Any], *, many_results: bool = True) -> None:
+        self._run_db = run_db
+        self._fn = fn
+        self._many = many_results
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._draining = False
+
+    async def __call__(self, argument: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((argument, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:DB_BATCH_MAX]
+                del self._pending[:DB_BATCH_MAX]
+                await self._run_batch(batch)
+        finally:
+            self._draining = False
+
+    async def _run_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._run_db(self._fn, [a for a, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            for one in batch:
+                await self._run_batch([one])
+            return
+        if not self._many:
+            results = [None] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _record_all(groups: list[list[store.Settled]]) -> None:
+    store.record_results([settled for group in groups for settled in group])
 
 
 def _lock_key(work: PushWork) -> Any:

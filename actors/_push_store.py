@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import peewee as pw
 
+from actors import _sql as sql
 from delivery.outcomes import Outcome, SendResult
 from events import MessageEvent
 from intake import dead_letters
@@ -33,6 +35,22 @@ EVENT_REMOVE = "remove"
 # A remove names at most this many message ids (the newest), as Zulip's apps expect.
 MAX_REMOVE_IDS = 200
 
+_USER = sql.quoted(User)
+_MESSAGE = sql.quoted(Message)
+_USER_MESSAGE = sql.quoted(UserMessage)
+_DEVICE = sql.quoted(PushDevice)
+_RECEIPT = sql.quoted(PushReceipt)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device a push goes to (a `PushDevice` row, read without the model)."""
+
+    id: int
+    kind: str
+    token: str
+    ios_app_id: str | None
+
 
 @dataclass(frozen=True)
 class PushPlan:
@@ -41,7 +59,11 @@ class PushPlan:
     user_id: int
     user_uuid: str
     recipient: Recipient
-    devices: list[PushDevice]
+    devices: list[Device]
+
+
+# One device's outcome of one push or remove: (user_id, message_id, event, device, result).
+Settled = tuple[int, int, str, Device, SendResult]
 
 
 @dataclass(frozen=True)
@@ -49,7 +71,7 @@ class RemovePlan:
     user_id: int
     user_uuid: str
     recipient: Recipient
-    devices: list[PushDevice]
+    devices: list[Device]
     message_ids: list[int]
 
 
@@ -68,44 +90,84 @@ def recipient_of(user: User) -> Recipient:
     )
 
 
-def store_message(event: MessageEvent) -> None:
-    """Keep the message snapshot; a `deleted` mark that arrived first is preserved."""
-    data = event.message.model_dump_json()
-    Message.insert(id=event.message.id, data=data).on_conflict(
-        conflict_target=[Message.id], update={Message.data: data}
-    ).execute()
+def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
+    """Decide, for a group of events in one transaction, whether to push each and to
+    which devices; marks each push active before it goes out.
 
-
-def plan_push(event: MessageEvent) -> PushPlan | None:
-    """Decide whether to push `event` and to which devices; marks the push active first."""
-    user = User.get_or_none(User.id == event.user_id)
-    if user is None or user.is_bot or not user.enable_offline_push_notifications:
-        return None
-    with db.atomic():
-        store_message(event)
-        UserMessage.insert(user_id=user.id, message_id=event.message.id).on_conflict_ignore(
-        ).execute()
-        flags = UserMessage.get(
-            (UserMessage.user_id == user.id) & (UserMessage.message_id == event.message.id)
-        )
-        deleted = Message.get_by_id(event.message.id).deleted
-        if flags.read or deleted:
-            return None
-        if not flags.active_push:
-            UserMessage.update(active_push=True).where(UserMessage.id == flags.id).execute()
-    done = {
-        r.device_id
-        for r in PushReceipt.select(PushReceipt.device_id).where(
-            (PushReceipt.user_id == user.id)
-            & (PushReceipt.message_id == event.message.id)
-            & (PushReceipt.event == EVENT_MESSAGE)
+    None for an event means no push: unknown user, bot, push off, message read or
+    deleted already, or every device has accepted it (a retry after a full success).
+    Set-based, so a group costs a handful of statements whatever its size.
+    """
+    now = time.time()
+    users = {
+        row[0]: row for row in sql.rows(
+            "SELECT id, uuid, email, full_name, realm_name, realm_url FROM "
+            f"{_USER} WHERE {sql.any_of('id')} AND is_bot = FALSE "
+            "AND enable_offline_push_notifications = TRUE",
+            [sql.ids({e.user_id for e in events})],
         )
     }
-    devices = [d for d in PushDevice.select().where(PushDevice.user_id == user.id)
-               if d.id not in done]
-    if not devices:
-        return None
-    return PushPlan(user.id, user.uuid, recipient_of(user), devices)
+    wanted = [e for e in events if e.user_id in users]
+    if not wanted:
+        return [None] * len(events)
+    user_ids = sql.ids(sorted(users))
+    message_ids = sql.ids(sorted({e.message.id for e in wanted}))
+    with db.atomic():
+        snapshots = {e.message.id: e.message.model_dump_json() for e in wanted}
+        # A `deleted` mark that arrived first is kept: only the snapshot is updated.
+        sql.insert(
+            f"INSERT INTO {_MESSAGE} (id, data, deleted, created_at)",
+            [(mid, data, False, now) for mid, data in sorted(snapshots.items())],
+            "ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+        )
+        sql.insert(
+            f"INSERT INTO {_USER_MESSAGE} (user_id, message_id, read, active_push)",
+            sorted({(e.user_id, e.message.id, False, False) for e in wanted}),
+            "ON CONFLICT (user_id, message_id) DO NOTHING",
+        )
+        flags = {
+            (uid, mid): (row_id, bool(read), bool(active)) for row_id, uid, mid, read, active
+            in sql.rows(
+                f"SELECT id, user_id, message_id, read, active_push FROM {_USER_MESSAGE} "
+                f"WHERE {sql.any_of('user_id')} AND {sql.any_of('message_id')}",
+                [user_ids, message_ids],
+            )
+        }
+        deleted = {mid for (mid,) in sql.rows(
+            f"SELECT id FROM {_MESSAGE} WHERE {sql.any_of('id')} AND deleted = TRUE",
+            [message_ids],
+        )}
+        live = [e for e in wanted
+                if not flags[(e.user_id, e.message.id)][1] and e.message.id not in deleted]
+        activate = {flags[(e.user_id, e.message.id)][0] for e in live
+                    if not flags[(e.user_id, e.message.id)][2]}
+        if activate:
+            sql.execute(f"UPDATE {_USER_MESSAGE} SET active_push = TRUE "
+                        f"WHERE {sql.any_of('id')}", [sql.ids(sorted(activate))])
+    if not live:
+        return [None] * len(events)
+    p = sql.param()
+    done = set(sql.rows(
+        f"SELECT user_id, message_id, device_id FROM {_RECEIPT} WHERE "
+        f"{sql.any_of('user_id')} AND {sql.any_of('message_id')} AND event = {p}",
+        [user_ids, message_ids, EVENT_MESSAGE],
+    ))
+    devices: dict[int, list[Device]] = {}
+    for device_id, uid, kind, token, app in sql.rows(
+        f"SELECT id, user_id, kind, token, ios_app_id FROM {_DEVICE} "
+        f"WHERE {sql.any_of('user_id')} ORDER BY id",
+        [sql.ids(sorted({e.user_id for e in live}))],
+    ):
+        devices.setdefault(uid, []).append(Device(device_id, kind, token, app))
+    plans: dict[int, PushPlan | None] = {}
+    for event in live:
+        user = users[event.user_id]
+        todo = [d for d in devices.get(event.user_id, [])
+                if (event.user_id, event.message.id, d.id) not in done]
+        plans[id(event)] = PushPlan(
+            user[0], user[1], Recipient(user[0], user[2], user[3], user[4], user[5]), todo
+        ) if todo else None
+    return [plans.get(id(e)) for e in events]
 
 
 def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> RemovePlan | None:
@@ -140,7 +202,8 @@ def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> Remove
             & (PushReceipt.event == EVENT_REMOVE)
         )
     }
-    devices = [d for d in PushDevice.select().where(PushDevice.user_id == user_id)
+    devices = [Device(d.id, d.kind, d.token, d.ios_app_id)
+               for d in PushDevice.select().where(PushDevice.user_id == user_id)
                if d.id not in done]
     return RemovePlan(user.id, user.uuid, recipient_of(user), devices, newest)
 
@@ -170,25 +233,34 @@ def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int
     return sorted(u.user_id for u in users if u.user_id % shards == shard)
 
 
-def record_results(
-    user_id: int, message_id: int, event: str, results: list[tuple[PushDevice, SendResult]]
-) -> None:
-    """Receipts for accepted sends, dead devices deleted, permanent failures dead-lettered."""
-    with db.atomic():
-        for device, result in results:
-            # A permanent failure is settled too: its dead letter is written below, and a
-            # retry of the event (for another device's transient failure) must not send
-            # to this device again.
-            if result.outcome in (Outcome.DELIVERED, Outcome.PERMANENT):
-                PushReceipt.insert(
-                    user_id=user_id, message_id=message_id, device_id=device.id, event=event
-                ).on_conflict_ignore().execute()
-            elif result.outcome is Outcome.INVALID_DEVICE:
-                logger.info("deleting device %s of user %s: %s", device.id, user_id,
-                            result.reason)
-                PushDevice.delete().where(PushDevice.id == device.id).execute()
-    for device, result in results:
+def record_results(settled: Sequence[Settled]) -> None:
+    """Receipts for accepted sends, dead devices deleted, permanent failures
+    dead-lettered: for many pushes' outcomes at once, in one transaction."""
+    now = time.time()
+    receipts = []
+    dead_devices = set()
+    failures = []
+    for user_id, message_id, event, device, result in settled:
+        # A permanent failure is settled too: its dead letter is written below, and a
+        # retry of the event (for another device's transient failure) must not send to
+        # this device again.
+        if result.outcome in (Outcome.DELIVERED, Outcome.PERMANENT):
+            receipts.append((user_id, message_id, device.id, event, now))
+        elif result.outcome is Outcome.INVALID_DEVICE:
+            logger.info("deleting device %s of user %s: %s", device.id, user_id, result.reason)
+            dead_devices.add(device.id)
         if result.outcome is Outcome.PERMANENT:
+            failures.append((user_id, message_id, event, device, result))
+    with db.atomic():
+        sql.insert(
+            f"INSERT INTO {_RECEIPT} (user_id, message_id, device_id, event, created_at)",
+            sorted(set(receipts)),
+            "ON CONFLICT (user_id, message_id, device_id, event) DO NOTHING",
+        )
+        if dead_devices:
+            sql.execute(f"DELETE FROM {_DEVICE} WHERE {sql.any_of('id')}",
+                        [sql.ids(sorted(dead_devices))])
+        for user_id, message_id, event, device, result in failures:
             dead_letters.record(
                 kind=dead_letters.KIND_PUSH_DEVICE,
                 reason=f"{device.kind}: {result.reason}",
