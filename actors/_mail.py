@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.message import Message as MimeMessage
 
 from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError
 from delivery.smtp import Mailer, OutboxMailer, SmtpMailer
@@ -69,7 +69,7 @@ class MailDispatcher:
 
     def send(
         self,
-        emails: list[tuple[list[int], EmailMessage]],
+        emails: list[tuple[list[int], MimeMessage]],
         done: Callable[[list[SendOutcome]], None],
     ) -> None:
         """Send `emails` in order on a mail thread; then call `done` there with outcomes."""
@@ -77,7 +77,7 @@ class MailDispatcher:
 
     def _send_all(
         self,
-        emails: list[tuple[list[int], EmailMessage]],
+        emails: list[tuple[list[int], MimeMessage]],
         done: Callable[[list[SendOutcome]], None],
     ) -> None:
         outcomes: list[SendOutcome] = []

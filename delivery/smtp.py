@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from datetime import UTC, datetime
-from email.message import EmailMessage
+from email.message import Message as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Protocol
@@ -51,7 +51,7 @@ EML_SUFFIX = ".eml"
 class Mailer(Protocol):
     """Anything that can send one email."""
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: MimeMessage) -> None:
         """Deliver `message` or raise `TransientDeliveryError` / `PermanentDeliveryError`."""
         ...
 
@@ -198,7 +198,7 @@ class SmtpMailer:
 
     # Sending -----------------------------------------------------------------------
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: MimeMessage) -> None:
         """Send `message` to the addresses in its To/Cc/Bcc headers.
 
         Raises `TransientDeliveryError` or `PermanentDeliveryError` (see the module
@@ -301,7 +301,7 @@ class OutboxMailer:
         stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y%m%dT%H%M%S")
         return f"{stamp}.{nanos:09d}Z-{sequence:08d}-{os.urandom(4).hex()}{EML_SUFFIX}"
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: MimeMessage) -> None:
         """Write `message` as a new ``.eml`` file; raises `TransientDeliveryError` on I/O errors."""
         try:
             data = message.as_bytes(policy=SMTP_POLICY)

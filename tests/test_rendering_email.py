@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.policy import default as default_policy
 from typing import Any
 
 import pytest
@@ -61,7 +63,14 @@ def dm(msg_id: int, sender: int = 3, group: list[int] | None = None, **kw: Any) 
 
 
 def render(items: list[DigestItem], **kw: Any) -> list[EmailMessage]:
-    return render_digest(ME, items, from_addr=FROM, unsubscribe_url=UNSUBSCRIBE, **kw)
+    """The digests as a mail client reads them: serialised, then parsed."""
+    out = []
+    for rendered in render_digest(ME, items, from_addr=FROM, unsubscribe_url=UNSUBSCRIBE,
+                                  **kw):
+        parsed = email.message_from_bytes(rendered.as_bytes(), policy=default_policy)
+        assert isinstance(parsed, EmailMessage)
+        out.append(parsed)
+    return out
 
 
 def parts(message: EmailMessage) -> tuple[str, str]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.message import Message as MimeMessage
 from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ def start_server() -> Iterator[Any]:
         controller.stop()
 
 
-def make_message(to: str = RECIPIENT.email) -> EmailMessage:
+def make_message(to: str = RECIPIENT.email) -> MimeMessage:
     message = Message.model_validate(
         {
             "id": 1001,

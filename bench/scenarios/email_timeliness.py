@@ -7,7 +7,7 @@ import random
 import re
 import threading
 import time
-from email.message import EmailMessage
+from email.message import Message as MimeMessage
 from typing import Any
 
 from bench import common
@@ -47,7 +47,7 @@ class _Recorder:
         self.lock = threading.Lock()
         self.sent: dict[int, float] = {}
 
-    def note(self, message: EmailMessage) -> None:
+    def note(self, message: MimeMessage) -> None:
         now = time.time()
         match = _RECIPIENT.search(str(message["To"]))
         if match:
@@ -60,7 +60,7 @@ class _RecordingMailer:
         self.recorder = recorder
         self.inner = inner
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: MimeMessage) -> None:
         if self.inner is not None:
             self.inner.send(message)
         self.recorder.note(message)
