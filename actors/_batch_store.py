@@ -24,7 +24,6 @@ from models import (
     User,
     UserMessage,
     db,
-    is_postgres,
     write_transaction,
 )
 from models import (
@@ -138,67 +137,114 @@ def next_wakeup(user_id: int, now: float | None = None) -> float | None:
     """When this user's actor should look again: the open window's deadline, or the
     end of another worker's lease on claimed rows; None when nothing is pending."""
     now = time.time() if now is None else now
-    deadline = Row.select(pw.fn.MIN(Row.scheduled_timestamp)).where(_pending(user_id, now)).scalar()
-    lease = (
-        Row.select(pw.fn.MIN(Row.claimed_until))
-        .where((Row.user_id == user_id) & (Row.claimed_until >= now))
-        .scalar()
+    p = sql.param()
+    ((deadline, lease),) = sql.rows(
+        "SELECT MIN(CASE WHEN claimed_by IS NULL OR claimed_until < "
+        f"{p} THEN scheduled_timestamp END), MIN(CASE WHEN claimed_until >= {p} "
+        f"THEN claimed_until END) FROM {_ROW} WHERE user_id = {p}",
+        [now, now, user_id],
     )
     times = [float(t) for t in (deadline, lease) if t is not None]
     return min(times) if times else None
 
 
-def claim_due(user_id: int, claim_id: str, now: float | None = None) -> list[Row]:
-    """Claim the user's due rows for one flush; only one claimer can win each row."""
-    now = time.time() if now is None else now
-    with write_transaction():
-        if is_postgres():
-            # `record` holds this lock while it picks the window and inserts: without
-            # it, a row another worker is adding to the window right now would miss
-            # this claim and go out as a second email for the same window.
-            User.select(User.id).where(User.id == user_id).for_update().execute()
-        Row.update(claimed_by=claim_id, claimed_until=now + CLAIM_LEASE_SECONDS).where(
-            _pending(user_id, now) & (Row.scheduled_timestamp <= now)
-        ).execute()
-    return list(Row.select().where(Row.claimed_by == claim_id).order_by(Row.message_id))
+@dataclass(frozen=True)
+class ClaimedRow:
+    """One claimed row of a batch."""
+
+    id: int
+    user_id: int
+    message_id: int
+    trigger: str
+    mentioned_user_group_id: int | None
+    mentioned_user_group_name: str | None
+
+
+@dataclass(frozen=True)
+class BatchUser:
+    """What rendering and the send decision need of the user."""
+
+    id: int
+    email: str
+    full_name: str
+    realm_name: str
+    realm_url: str
+    enable_offline_email_notifications: bool
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A claimed batch, ready to render."""
+    """A claimed batch, ready to render.
 
-    user: User | None
-    rows: list[Row]
+    Parameters:
+      user: None when the user is gone.
+      rows: the claimed rows whose messages are still unread and not deleted.
+      messages: those messages, by id.
+      claimed: the message ids of every row the claim took (for settling it).
+    """
+
+    user: BatchUser | None
+    rows: list[ClaimedRow]
     messages: dict[int, MessageData]
+    claimed: list[int]
 
 
-def load_batch(rows: list[Row]) -> Batch:
-    """Load the user and the messages of claimed rows, dropping read or deleted ones."""
-    if not rows:
-        return Batch(None, [], {})
-    user = User.get_or_none(User.id == rows[0].user_id)
-    ids = [r.message_id for r in rows]
-    read = {
-        um.message_id
-        for um in UserMessage.select(UserMessage.message_id).where(
-            (UserMessage.user_id == rows[0].user_id)
-            & UserMessage.message_id.in_(ids)
-            & (UserMessage.read == True)  # noqa: E712 - peewee expression
+def claim_batch(user_id: int, claim_id: str, now: float | None = None) -> Batch | None:
+    """Claim the user's due rows for one flush (only one claimer can win each row) and
+    load what rendering needs, dropping messages read or deleted meanwhile. None when
+    nothing was due."""
+    now = time.time() if now is None else now
+    p = sql.param()
+    with write_transaction():
+        # `record_many` holds this lock while it picks the window and inserts: without
+        # it, a row another worker is adding to the window right now would miss this
+        # claim and go out as a second email for the same window.
+        sql.rows(f"SELECT id FROM {_USER} WHERE id = {p}{sql.for_update()}", [user_id])
+        sql.execute(
+            f"UPDATE {_ROW} SET claimed_by = {p}, claimed_until = {p} WHERE user_id = {p} "
+            f"AND (claimed_by IS NULL OR claimed_until < {p}) AND scheduled_timestamp <= {p}",
+            [claim_id, now + CLAIM_LEASE_SECONDS, user_id, now, now],
         )
-    }
+    rows = [ClaimedRow(*r) for r in sql.rows(
+        "SELECT id, user_id, message_id, trigger, mentioned_user_group_id, "
+        f"mentioned_user_group_name FROM {_ROW} WHERE claimed_by = {p} ORDER BY message_id",
+        [claim_id],
+    )]
+    if not rows:
+        return None
+    users = sql.rows(
+        "SELECT id, email, full_name, realm_name, realm_url, "
+        f"enable_offline_email_notifications FROM {_USER} WHERE id = {p}", [user_id],
+    )
+    user = None
+    if users:
+        uid, email, full_name, realm_name, realm_url, email_on = users[0]
+        user = BatchUser(uid, email, full_name, realm_name, realm_url, bool(email_on))
+    ids = sql.ids(r.message_id for r in rows)
+    read = {mid for (mid,) in sql.rows(
+        f"SELECT message_id FROM {_USER_MESSAGE} WHERE user_id = {p} "
+        f"AND {sql.any_of('message_id')} AND read = TRUE", [user_id, ids],
+    )}
     messages: dict[int, MessageData] = {}
-    for m in Message.select().where(Message.id.in_(ids)):
-        if not m.deleted and m.id not in read and m.data != "{}":
-            messages[m.id] = MessageData.model_validate_json(m.data)
-    gone = [r for r in rows if r.message_id not in messages]
+    for mid, data, deleted in sql.rows(
+        f"SELECT id, data, deleted FROM {_MESSAGE} WHERE {sql.any_of('id')}", [ids],
+    ):
+        if not deleted and mid not in read and data != "{}":
+            messages[mid] = MessageData.model_validate_json(data)
+    gone = [r.id for r in rows if r.message_id not in messages]
     if gone:
-        Row.delete().where(Row.id.in_([r.id for r in gone])).execute()
-    return Batch(user, [r for r in rows if r.message_id in messages], messages)
+        sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('id')}", [sql.ids(gone)])
+    return Batch(user, [r for r in rows if r.message_id in messages], messages,
+                 [r.message_id for r in rows])
 
 
 def finish(claim_id: str, message_ids: list[int]) -> None:
     """The emails for these rows went out: delete them."""
-    Row.delete().where((Row.claimed_by == claim_id) & Row.message_id.in_(message_ids)).execute()
+    p = sql.param()
+    sql.execute(
+        f"DELETE FROM {_ROW} WHERE claimed_by = {p} AND {sql.any_of('message_id')}",
+        [claim_id, sql.ids(message_ids)],
+    )
 
 
 def retry_later(
@@ -261,7 +307,7 @@ def pending_users(now: float | None = None) -> list[tuple[int, float]]:
     return [(int(row[0]), float(row[1])) for row in query]  # type: ignore[index]
 
 
-def rows_as_payload(rows: list[Row]) -> list[dict[str, Any]]:
+def rows_as_payload(rows: Sequence[Row | ClaimedRow]) -> list[dict[str, Any]]:
     return [
         {
             "message_id": r.message_id,

@@ -214,15 +214,14 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         deadline = self._deadline or now
         if forced:
             _db(_make_due, self.user_id, now)
-        rows = _db(store.claim_due, self.user_id, claim_id, now)
+        batch = _db(store.claim_batch, self.user_id, claim_id, now)
         self._cancel_timer()
-        if not rows:
+        if batch is None:
             self._arm(_db(store.next_wakeup, self.user_id))
             return
-        batch = _db(store.load_batch, rows)
         user = batch.user
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
-            _db(store.finish, claim_id, [r.message_id for r in rows])
+            _db(store.finish, claim_id, batch.claimed)
             self._arm(_db(store.next_wakeup, self.user_id))
             return
         emails = self._render(user, batch)
