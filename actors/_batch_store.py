@@ -71,18 +71,7 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
         return results
     message_ids = sql.ids(sorted({e.message.id for e in wanted}))
     wanted_users = sql.ids(sorted({e.user_id for e in wanted}))
-    snapshots = {e.message.id: e.message.model_dump_json() for e in wanted}
-    sql.insert(
-        f"INSERT INTO {_MESSAGE} (id, data, deleted, created_at)",
-        [(mid, data, False, now) for mid, data in sorted(snapshots.items())],
-        "ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-    )
-    sql.insert(
-        f"INSERT INTO {_USER_MESSAGE} (user_id, message_id, read, active_push)",
-        [(uid, mid, False, False) for uid, mid in sorted({(e.user_id, e.message.id)
-                                                          for e in wanted})],
-        "ON CONFLICT (user_id, message_id) DO NOTHING",
-    )
+    sql.store_messages(wanted, now)
     read = set(sql.rows(
         f"SELECT user_id, message_id FROM {_USER_MESSAGE} WHERE {sql.any_of('user_id')} "
         f"AND {sql.any_of('message_id')} AND read = TRUE",

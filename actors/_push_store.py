@@ -113,18 +113,7 @@ def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
     user_ids = sql.ids(sorted(users))
     message_ids = sql.ids(sorted({e.message.id for e in wanted}))
     with db.atomic():
-        snapshots = {e.message.id: e.message.model_dump_json() for e in wanted}
-        # A `deleted` mark that arrived first is kept: only the snapshot is updated.
-        sql.insert(
-            f"INSERT INTO {_MESSAGE} (id, data, deleted, created_at)",
-            [(mid, data, False, now) for mid, data in sorted(snapshots.items())],
-            "ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-        )
-        sql.insert(
-            f"INSERT INTO {_USER_MESSAGE} (user_id, message_id, read, active_push)",
-            sorted({(e.user_id, e.message.id, False, False) for e in wanted}),
-            "ON CONFLICT (user_id, message_id) DO NOTHING",
-        )
+        sql.store_messages(wanted, now)
         flags = {
             (uid, mid): (row_id, bool(read), bool(active)) for row_id, uid, mid, read, active
             in sql.rows(

@@ -18,7 +18,9 @@ from typing import Any
 
 import peewee as pw
 
-from models import db, is_postgres
+from events import MessageEvent
+from models import Message as MessageRow
+from models import UserMessage, db, is_postgres
 
 # Rows per INSERT statement (well under either database's parameter limit).
 INSERT_PAGE = 500
@@ -74,3 +76,20 @@ def for_update() -> str:
 
 def quoted(model: type[pw.Model]) -> str:
     return f'"{model._meta.table_name}"'  # type: ignore[attr-defined]
+
+
+def store_messages(events: Sequence[MessageEvent], now: float) -> None:
+    """Keep each event's message snapshot and a flags row per (user, message); both the
+    email and the push side record these. A `deleted` mark that arrived first is
+    kept: only the snapshot is updated."""
+    snapshots = {e.message.id: e.message.model_dump_json() for e in events}
+    insert(
+        f"INSERT INTO {quoted(MessageRow)} (id, data, deleted, created_at)",
+        [(mid, data, False, now) for mid, data in sorted(snapshots.items())],
+        "ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+    )
+    insert(
+        f"INSERT INTO {quoted(UserMessage)} (user_id, message_id, read, active_push)",
+        sorted({(e.user_id, e.message.id, False, False) for e in events}),
+        "ON CONFLICT (user_id, message_id) DO NOTHING",
+    )
