@@ -321,7 +321,9 @@ def test_pool_grows_to_its_cap_when_streams_run_out(key: Key) -> None:
         public_key=key.public_key,
         key_id=key.key_id,
         team_id=key.team_id,
-        delay=0.2,
+        # Long enough that no stream frees up while a new TLS connection is set up,
+        # even on a loaded machine: the pool must grow because streams ran out.
+        delay=1.0,
         max_concurrent_streams=50,
     )
     server.start()
