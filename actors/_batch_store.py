@@ -38,12 +38,6 @@ _USER_MESSAGE = sql.quoted(UserMessage)
 _ROW = sql.quoted(Row)
 
 
-def _pending(user_id: int, now: float) -> pw.Expression:
-    return (Row.user_id == user_id) & (
-        Row.claimed_by.is_null() | (Row.claimed_until < now)
-    )
-
-
 def record_many(events: Sequence[MessageEvent], now: float | None = None) -> list[float | None]:
     """Add each event's row to its user's batch, in one transaction the caller holds;
     return each event's window deadline, in order.
@@ -55,7 +49,7 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
     """
     now = time.time() if now is None else now
     # Locked in id order, so two workers' groups never deadlock on each other;
-    # `claim_due` takes the same lock (see there).
+    # `claim_batch` takes the same lock (see there).
     periods = {
         uid: float(period) for uid, bot, email_on, period in sql.rows(
             "SELECT id, is_bot, enable_offline_email_notifications, "
@@ -318,12 +312,3 @@ def restore_rows(user_id: int, rows: list[dict[str, Any]], at: float) -> None:
                 mentioned_user_group_name=r.get("mentioned_user_group_name"),
                 scheduled_timestamp=at,
             ).on_conflict_ignore().execute()
-
-
-def shift_window(user_id: int, delta_seconds: float) -> int:
-    """A user's batching period changed: move the open window's deadline by the change."""
-    return int(
-        Row.update(scheduled_timestamp=Row.scheduled_timestamp + delta_seconds)
-        .where((Row.user_id == user_id) & Row.claimed_by.is_null())
-        .execute()
-    )

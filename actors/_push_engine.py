@@ -100,7 +100,7 @@ class PushEngine:
         self._apns_cap: asyncio.Semaphore | None = None
         self._fcm_cap: asyncio.Semaphore | None = None
         self._plan = _Batched(self._run_db, store.plan_pushes)
-        self._record = _Batched(self._run_db, _record_all, many_results=False)
+        self._record = _Batched(self._run_db, _record_all)
 
     # Lifecycle (called from the PushActor's thread) --------------------------------
 
@@ -361,9 +361,7 @@ class _Batched:
 
     Parameters:
       run_db: runs a function on the engine's database threads.
-      fn: takes a list of arguments; returns one result per argument when
-        `many_results`, else None for all.
-      many_results: whether `fn` answers per argument.
+      fn: takes a list of arguments; returns one result per argument.
 
     Calls that arrive while a batch is in the database wait and go together in the
     next one, so the batch grows with the load and a lone call is not held back. A
@@ -372,10 +370,9 @@ class _Batched:
     """
 
     def __init__(self, run_db: Callable[..., Coroutine[Any, Any, Any]],
-                 fn: Callable[[list[Any]], Any], *, many_results: bool = True) -> None:
+                 fn: Callable[[list[Any]], list[Any]]) -> None:
         self._run_db = run_db
         self._fn = fn
-        self._many = many_results
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._draining = False
 
@@ -407,8 +404,6 @@ class _Batched:
             for one in batch:
                 await self._run_batch([one])
             return
-        if not self._many:
-            results = [None] * len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -424,8 +419,9 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()  # type: ignore[no-any-return]
 
 
-def _record_all(groups: list[list[store.Settled]]) -> None:
+def _record_all(groups: list[list[store.Settled]]) -> list[None]:
     store.record_results([settled for group in groups for settled in group])
+    return [None] * len(groups)
 
 
 def _lock_key(work: PushWork) -> Any:

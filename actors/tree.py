@@ -39,6 +39,7 @@ from actors.shard_router import RoutePush, ShardRouter
 from actors.supervision import ChildFailed, RestartChild, SupervisorMixin
 from delivery.outcomes import TransientDeliveryError
 from delivery.smtp import Mailer
+from models import db
 from settings import Settings
 
 logger = logging.getLogger("herald.actors")
@@ -266,7 +267,5 @@ def _wait(future: pykka.Future[Any]) -> Any:
 
 
 def _db(fn: Callable[..., Any], *args: Any) -> Any:
-    from models import db
-
     with db.connection_context():
         return fn(*args)

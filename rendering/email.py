@@ -63,6 +63,9 @@ LINK_REL = "noopener noreferrer"
 LIST_UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"
 # Message-ID domain when the From address has no usable one.
 FALLBACK_MESSAGE_ID_DOMAIN = "herald.invalid"
+# Body charset: UTF-8 in quoted-printable keeps the body readable in the raw message.
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
 # Templates live next to this module (packaged as rendering/templates/*).
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 # Month names fixed in English, whatever the process locale.
@@ -163,11 +166,8 @@ def conversation_subject(recipient: Recipient, message: Message) -> str:
 
 
 def _text_part(body: str, subtype: str) -> MIMENonMultipart:
-    # UTF-8 in quoted-printable keeps the body readable in the raw message.
-    charset = Charset("utf-8")
-    charset.body_encoding = QP
     part = MIMENonMultipart("text", subtype, charset="utf-8")
-    part.set_payload(body, charset)
+    part.set_payload(body, _UTF8_QP)
     return part
 
 
