@@ -30,9 +30,8 @@ import threading
 import time
 from datetime import UTC, datetime
 from email.message import Message as MimeMessage
-from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from delivery.outcomes import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -269,6 +268,15 @@ def _refused(recipients: dict[str, tuple[int, bytes]]) -> DeliveryError:
     return _by_code(code, f"SMTP {code} on RCPT: {_reply_text(reply)}")
 
 
+def _wire_policy(message: MimeMessage) -> Any:
+    """The message's own policy, writing CRLF line ends and no ``>From`` mangling, as
+    SMTP would put it on the wire."""
+    policy = message.policy
+    if policy.linesep == "\r\n" and not policy.mangle_from_:
+        return policy
+    return policy.clone(linesep="\r\n", mangle_from_=False)
+
+
 class OutboxMailer:
     """Writes each email as a ``.eml`` file in a directory instead of sending it.
 
@@ -304,7 +312,7 @@ class OutboxMailer:
     def send(self, message: MimeMessage) -> None:
         """Write `message` as a new ``.eml`` file; raises `TransientDeliveryError` on I/O errors."""
         try:
-            data = message.as_bytes(policy=SMTP_POLICY)
+            data = message.as_bytes(policy=_wire_policy(message))
         except (UnicodeError, ValueError) as exc:
             raise PermanentDeliveryError(f"email cannot be serialised: {exc}") from None
         final = self.directory / self._next_name()

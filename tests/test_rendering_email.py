@@ -299,6 +299,29 @@ def test_newlines_never_reach_headers() -> None:
     assert email["Subject"] == "#design > a Bcc: y@evil.test"
 
 
+def test_wire_format_is_crlf_short_lines_and_round_trips_any_text() -> None:
+    content = (
+        "<p>From the team: caf\u00e9 \u2603 = 100%</p>"
+        f"<p>{'long-word ' * 40}</p><p>--=_herald_ fake boundary</p>"
+    )
+    sent = [DigestItem(stream_msg(1, topic="Caf\u00e9 \u2603", content_html=content), "mentioned")]
+    (rendered,) = render_digest(ME, sent, from_addr=FROM, unsubscribe_url=UNSUBSCRIBE)
+    raw = rendered.as_bytes()  # what SMTP and the outbox write
+    lines = raw.split(b"\r\n")
+    assert b"\n" not in b"".join(lines)  # every line ends in CRLF
+    assert max(len(line) for line in lines) <= 78
+    assert not any(line.startswith(b">From") for line in lines)
+    assert raw.isascii()
+    parsed = email.message_from_bytes(raw, policy=default_policy)
+    assert isinstance(parsed, EmailMessage)
+    assert parsed["Subject"] == "#design > Caf\u00e9 \u2603"
+    text, html = parts(parsed)
+    assert "From the team: caf\u00e9 \u2603 = 100%" in text
+    assert "long-word " * 39 in text
+    assert "--=_herald_ fake boundary" in text and "--=_herald_ fake boundary" in html
+    assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+
+
 def test_a_message_listed_twice_is_shown_once() -> None:
     (email,) = render(
         [DigestItem(stream_msg(1), "mentioned"), DigestItem(stream_msg(1), "mentioned")]
