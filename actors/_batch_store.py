@@ -10,7 +10,7 @@ other worker can take them, and no write transaction is held while SMTP talks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,16 +119,24 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
 def next_wakeup(user_id: int, now: float | None = None) -> float | None:
     """When this user's actor should look again: the open window's deadline, or the
     end of another worker's lease on claimed rows; None when nothing is pending."""
+    return next_wakeups([user_id], now).get(user_id)
+
+
+def next_wakeups(users: Sequence[int], now: float | None = None) -> dict[int, float | None]:
+    """`next_wakeup` for each of `users`, in one query."""
     now = time.time() if now is None else now
     p = sql.param()
-    ((deadline, lease),) = sql.rows(
-        "SELECT MIN(CASE WHEN claimed_by IS NULL OR claimed_until < "
+    found = sql.rows(
+        "SELECT user_id, MIN(CASE WHEN claimed_by IS NULL OR claimed_until < "
         f"{p} THEN scheduled_timestamp END), MIN(CASE WHEN claimed_until >= {p} "
-        f"THEN claimed_until END) FROM {_ROW} WHERE user_id = {p}",
-        [now, now, user_id],
+        f"THEN claimed_until END) FROM {_ROW} WHERE {sql.any_of('user_id')} GROUP BY user_id",
+        [now, now, sql.ids(users)],
     )
-    times = [float(t) for t in (deadline, lease) if t is not None]
-    return min(times) if times else None
+    wakeups: dict[int, float | None] = dict.fromkeys(users)
+    for user_id, deadline, lease in found:
+        times = [float(t) for t in (deadline, lease) if t is not None]
+        wakeups[int(user_id)] = min(times) if times else None
+    return wakeups
 
 
 @dataclass(frozen=True)
@@ -160,65 +168,138 @@ class Batch:
     """A claimed batch, ready to render.
 
     Parameters:
+      claim_id: the claim on its rows.
       user: None when the user is gone.
       rows: the claimed rows whose messages are still unread and not deleted.
       messages: those messages, by id.
       claimed: the message ids of every row the claim took (for settling it).
     """
 
+    claim_id: str
     user: BatchUser | None
     rows: list[ClaimedRow]
     messages: dict[int, MessageData]
     claimed: list[int]
 
 
-def claim_batch(user_id: int, claim_id: str, now: float | None = None) -> Batch | None:
-    """Claim the user's due rows for one flush (only one claimer can win each row) and
-    load what rendering needs, dropping messages read or deleted meanwhile. None when
-    nothing was due."""
+def claim_id_for(group_id: str, user_id: int) -> str:
+    """The claim a group claim puts on one user's rows (what `claim_batches` writes)."""
+    return f"{group_id}:{user_id}"
+
+
+def claim_batches(
+    users: Sequence[int], forced: Collection[int], group_id: str, now: float | None = None
+) -> tuple[dict[int, Batch], dict[int, float | None]]:
+    """Claim the due rows of each of `users` for one flush (only one claimer can win
+    each row) and load what rendering needs, dropping messages read or deleted
+    meanwhile. The rows of users in `forced` are due now, whatever their deadline.
+
+    Returns the batches of users who had rows due, and for the others their next
+    wake-up (see `next_wakeup`). Each user's claim id is `claim_id_for(group_id, user)`.
+    Set-based: one short write transaction and a few reads for the whole group.
+    """
     now = time.time() if now is None else now
     p = sql.param()
+    user_ids = sql.ids(sorted(set(users)))
     with write_transaction():
-        # `record_many` holds this lock while it picks the window and inserts: without
-        # it, a row another worker is adding to the window right now would miss this
-        # claim and go out as a second email for the same window.
-        sql.rows(f"SELECT id FROM {_USER} WHERE id = {p}{sql.for_update()}", [user_id])
+        # `record_many` holds these locks while it picks a window and inserts: without
+        # them, a row another worker is adding to the window right now would miss this
+        # claim and go out as a second email for the same window. Id order, as there.
+        sql.rows(
+            f"SELECT id FROM {_USER} WHERE {sql.any_of('id')} ORDER BY id{sql.for_update()}",
+            [user_ids],
+        )
+        if forced:
+            sql.execute(
+                f"UPDATE {_ROW} SET scheduled_timestamp = {p} WHERE {sql.any_of('user_id')} "
+                f"AND claimed_by IS NULL AND scheduled_timestamp > {p}",
+                [now, sql.ids(forced), now],
+            )
         sql.execute(
-            f"UPDATE {_ROW} SET claimed_by = {p}, claimed_until = {p} WHERE user_id = {p} "
-            f"AND (claimed_by IS NULL OR claimed_until < {p}) AND scheduled_timestamp <= {p}",
-            [claim_id, now + CLAIM_LEASE_SECONDS, user_id, now, now],
+            f"UPDATE {_ROW} SET claimed_by = {p} || ':' || user_id, claimed_until = {p} "
+            f"WHERE {sql.any_of('user_id')} AND (claimed_by IS NULL OR claimed_until < {p}) "
+            f"AND scheduled_timestamp <= {p}",
+            [group_id, now + CLAIM_LEASE_SECONDS, user_ids, now, now],
         )
     rows = [ClaimedRow(*r) for r in sql.rows(
         "SELECT id, user_id, message_id, trigger, mentioned_user_group_id, "
-        f"mentioned_user_group_name FROM {_ROW} WHERE claimed_by = {p} ORDER BY message_id",
-        [claim_id],
+        f"mentioned_user_group_name FROM {_ROW} WHERE {sql.any_of('user_id')} "
+        f"AND claimed_by = {p} || ':' || user_id ORDER BY user_id, message_id",
+        [user_ids, group_id],
     )]
-    if not rows:
-        return None
-    users = sql.rows(
-        "SELECT id, email, full_name, realm_name, realm_url, "
-        f"enable_offline_email_notifications FROM {_USER} WHERE id = {p}", [user_id],
-    )
-    user = None
-    if users:
-        uid, email, full_name, realm_name, realm_url, email_on = users[0]
-        user = BatchUser(uid, email, full_name, realm_name, realm_url, bool(email_on))
-    ids = sql.ids(r.message_id for r in rows)
-    read = {mid for (mid,) in sql.rows(
-        f"SELECT message_id FROM {_USER_MESSAGE} WHERE user_id = {p} "
-        f"AND {sql.any_of('message_id')} AND read = TRUE", [user_id, ids],
-    )}
+    by_user: dict[int, list[ClaimedRow]] = {}
+    for row in rows:
+        by_user.setdefault(row.user_id, []).append(row)
+    idle = [u for u in users if u not in by_user]
+    wakeups = next_wakeups(idle, now) if idle else {}
+    if not by_user:
+        return {}, wakeups
+    claimed_users = sql.ids(sorted(by_user))
+    message_ids = sql.ids(sorted({r.message_id for r in rows}))
+    profiles = {
+        int(uid): BatchUser(int(uid), email, full_name, realm_name, realm_url, bool(on))
+        for uid, email, full_name, realm_name, realm_url, on in sql.rows(
+            "SELECT id, email, full_name, realm_name, realm_url, "
+            f"enable_offline_email_notifications FROM {_USER} WHERE {sql.any_of('id')}",
+            [claimed_users],
+        )
+    }
+    read = set(sql.rows(
+        f"SELECT user_id, message_id FROM {_USER_MESSAGE} WHERE {sql.any_of('user_id')} "
+        f"AND {sql.any_of('message_id')} AND read = TRUE", [claimed_users, message_ids],
+    ))
     messages: dict[int, MessageData] = {}
     for mid, data, deleted in sql.rows(
-        f"SELECT id, data, deleted FROM {_MESSAGE} WHERE {sql.any_of('id')}", [ids],
+        f"SELECT id, data, deleted FROM {_MESSAGE} WHERE {sql.any_of('id')}", [message_ids],
     ):
-        if not deleted and mid not in read and data != "{}":
+        if not deleted and data != "{}":
             messages[mid] = MessageData.model_validate_json(data)
-    gone = [r.id for r in rows if r.message_id not in messages]
+    batches: dict[int, Batch] = {}
+    gone: list[int] = []
+    for user_id, claimed in by_user.items():
+        kept = [r for r in claimed
+                if r.message_id in messages and (user_id, r.message_id) not in read]
+        kept_ids = {r.id for r in kept}
+        gone.extend(r.id for r in claimed if r.id not in kept_ids)
+        batches[user_id] = Batch(
+            claim_id_for(group_id, user_id), profiles.get(user_id), kept,
+            {r.message_id: messages[r.message_id] for r in kept},
+            [r.message_id for r in claimed],
+        )
     if gone:
         sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('id')}", [sql.ids(gone)])
-    return Batch(user, [r for r in rows if r.message_id in messages], messages,
-                 [r.message_id for r in rows])
+    return batches, wakeups
+
+
+def settle(
+    claims: Sequence[tuple[str, list[int] | None]], users: Sequence[int],
+    now: float | None = None,
+) -> dict[int, float | None]:
+    """Delete the rows whose emails went out, for many claims at once, and return the
+    next wake-up of each of `users`.
+
+    Each claim comes with the message ids it sent, or None when it sent (or dropped)
+    everything it claimed.
+    """
+    whole = [claim_id for claim_id, sent in claims if sent is None]
+    partial = [(claim_id, sent) for claim_id, sent in claims if sent]
+    if whole or partial:
+        with db.atomic():
+            if whole:
+                sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('claimed_by')}",
+                            [sql.texts(whole)])
+            for claim_id, sent in partial:
+                finish(claim_id, sent)
+    return next_wakeups(users, now) if users else {}
+
+
+def release(claim_id: str) -> None:
+    """Hand a claim's rows back, pending again (its flush will not happen)."""
+    p = sql.param()
+    sql.execute(
+        f"UPDATE {_ROW} SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = {p}",
+        [claim_id],
+    )
 
 
 def finish(claim_id: str, message_ids: list[int]) -> None:

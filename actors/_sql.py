@@ -39,8 +39,14 @@ def any_of(column: str) -> str:
 
 
 def ids(values: Iterable[int]) -> Any:
-    """The parameter for `any_of`."""
+    """The parameter for `any_of`, for integer columns."""
     values = [int(v) for v in values]
+    return values if is_postgres() else json.dumps(values)
+
+
+def texts(values: Iterable[str]) -> Any:
+    """The parameter for `any_of`, for text columns."""
+    values = [str(v) for v in values]
     return values if is_postgres() else json.dumps(values)
 
 

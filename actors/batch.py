@@ -5,8 +5,9 @@ New rows are committed in groups by the `EmailRecorder` (one writer thread, so
 row lock in `_batch_store.record_many` covers other processes); it then tells the
 BatchRouter whose timers to arm. Everything else about one user's batch happens in
 that user's UserBatchActor. The actor's timer fires at the deadline (a shared
-`TimerWheel`, not a poll); at flush it claims the due rows, renders, hands the emails
-to the `MailDispatcher`, and deletes the rows once they are sent.
+`TimerWheel`, not a poll); at flush it has the `BatchClaimer` claim the due rows
+(together with every other user's flush of the moment), renders, hands the emails to
+the `MailDispatcher`, and has the claimer delete the rows once they are sent.
 
 UserBatchActors are `PooledActor`s: 100,000 of them share a few threads. The
 BatchRouter (its own thread) creates them on demand, supervises them, and retires
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ import pykka
 from dramatiq.common import compute_backoff
 
 from actors import _batch_store as store
+from actors._batch_claimer import BatchClaimer, Claimed, ClaimFailed, Settled
 from actors._email_recorder import Recorded
 from actors._mail import MailDispatcher, SendOutcome
 from actors.runtime import PooledActor, TimerHandle, TimerWheel
@@ -119,13 +120,13 @@ class BatchContext:
       settings: batching, retry and email settings.
       timers: the shared timer wheel.
       mail: the mail dispatcher.
-      worker_id: this process's name in claims (`host:pid:random`).
+      claimer: claims and settles batches for many users at once.
     """
 
     settings: Settings
     timers: TimerWheel
     mail: MailDispatcher
-    worker_id: str
+    claimer: BatchClaimer
 
 
 class UserBatchActor(SupervisedMixin, PooledActor):
@@ -137,7 +138,9 @@ class UserBatchActor(SupervisedMixin, PooledActor):
       router: the BatchRouter, told when this actor may retire.
 
     Runs on the shared actor pool; timer callbacks run on the timer thread and only
-    `tell`; SMTP runs on the mail dispatcher's threads, which `tell` the outcome.
+    `tell`; claims run on the claimer's thread and SMTP on the mail dispatcher's
+    threads, which `tell` their answers. A flush is a chain of messages (`Claimed`,
+    `_Sent`, `Settled`), so no pool thread waits on the database or SMTP.
     """
 
     def __init__(self, user_id: int, context: BatchContext, router: pykka.ActorRef[Any]) -> None:
@@ -151,7 +154,9 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._deadline: float | None = None
         self._timer: TimerHandle | None = None
         self._token = 0
-        self._sending = False
+        # From the claim request until the claim is settled: a flush is in flight.
+        self._busy = False
+        self._flush_started = 0.0
         # A "flush now" that came while a send was in flight: done when that send ends.
         self._flush_requested = False
 
@@ -169,8 +174,15 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             if message.token == self._token:
                 self._timer = None
                 self._flush(forced=False)
+        elif isinstance(message, Claimed):
+            self._claimed(message)
         elif isinstance(message, _Sent):
             self._sent(message)
+        elif isinstance(message, Settled):
+            self._done(message.wakeup)
+        elif isinstance(message, ClaimFailed):
+            self._busy = False
+            raise message.exc_info[1]
         self._maybe_retire()
         return None
 
@@ -204,29 +216,27 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     # Flushing ------------------------------------------------------------------------
 
     def _flush(self, *, forced: bool) -> None:
-        if self._sending:
+        if self._busy:
             # The flush in flight re-arms when it is done; a forced flush must not
             # wait for the next window, so remember it for then.
             self._flush_requested = self._flush_requested or forced
             return
-        claim_id = f"{self.ctx.worker_id}:{uuid.uuid4().hex[:12]}"
-        now = time.time()
-        deadline = self._deadline or now
-        if forced:
-            _db(_make_due, self.user_id, now)
-        batch = _db(store.claim_batch, self.user_id, claim_id, now)
+        self._busy = True
+        self._flush_started = self._deadline or time.time()
         self._cancel_timer()
+        self.ctx.claimer.claim(self.user_id, forced, self.actor_ref)
+
+    def _claimed(self, message: Claimed) -> None:
+        batch = message.batch
         if batch is None:
-            self._arm(_db(store.next_wakeup, self.user_id))
+            self._done(message.wakeup)
             return
         user = batch.user
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
-            _db(store.finish, claim_id, batch.claimed)
-            self._arm(_db(store.next_wakeup, self.user_id))
+            self.ctx.claimer.settle(self.user_id, batch.claim_id, None, self.actor_ref)
             return
         emails = self._render(user, batch)
-        self._sending = True
-        me = self.actor_ref
+        claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
 
         def done(outcomes: list[SendOutcome]) -> None:
             try:
@@ -256,16 +266,16 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         return out
 
     def _sent(self, message: _Sent) -> None:
-        self._sending = False
         settings = self.ctx.settings
         sent = [i for o in message.outcomes if o.status == "sent" for i in o.message_ids]
         if sent:
-            _db(store.finish, message.claim_id, sent)
             EMAILS_SENT.inc(sum(1 for o in message.outcomes if o.status == "sent"))
             EMAIL_SEND_LATENESS.observe(max(0.0, time.time() - message.deadline))
+        failed = False
         for outcome in message.outcomes:
             if outcome.status == "sent":
                 continue
+            failed = True
             if outcome.status == "transient":
                 attempts = _db(store.retry_later, message.claim_id, outcome.message_ids,
                                lambda tries: _backoff_seconds(settings, tries - 1))
@@ -277,11 +287,19 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                                   f"{outcome.reason}", claim_id=None)
             else:
                 self._dead_letter(outcome, 1, outcome.reason, claim_id=message.claim_id)
+        # Everything sent: the claim's rows all go. Else only the sent ones (the failed
+        # ones were handed back or dead-lettered above).
+        self.ctx.claimer.settle(self.user_id, message.claim_id, sent if failed else None,
+                                self.actor_ref)
+
+    def _done(self, wakeup: float | None) -> None:
+        """The flush in flight is over; `wakeup` is when to look again."""
+        self._busy = False
         if self._flush_requested:
             self._flush_requested = False
             self._flush(forced=True)
             return
-        self._arm(_db(store.next_wakeup, self.user_id))
+        self._arm(wakeup)
 
     def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str,
                      claim_id: str | None) -> None:
@@ -300,7 +318,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         _db(move)
 
     def _maybe_retire(self) -> None:
-        if self._timer is None and not self._sending:
+        if self._timer is None and not self._busy:
             _tell(self.router, _Retire(self.user_id, self.actor_urn, self._handled))
 
 
@@ -447,13 +465,6 @@ def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
         ref.tell(message)
     except pykka.ActorDeadError:
         pass
-
-
-def _make_due(user_id: int, now: float) -> None:
-    store.Row.update(scheduled_timestamp=now).where(
-        (store.Row.user_id == user_id) & store.Row.claimed_by.is_null()
-        & (store.Row.scheduled_timestamp > now)
-    ).execute()
 
 
 def _settle_orphaned_claim(claim_id: str, outcomes: list[SendOutcome]) -> None:

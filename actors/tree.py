@@ -22,6 +22,7 @@ from typing import Any
 import pykka
 
 from actors import _batch_store as batch_store
+from actors._batch_claimer import BatchClaimer
 from actors._email_recorder import EmailRecorder, Recorded
 from actors._mail import MailDispatcher
 from actors._push_engine import PushWork
@@ -147,6 +148,7 @@ class ActorTree:
         self.timers: TimerWheel | None = None
         self.mail: MailDispatcher | None = None
         self.recorder: EmailRecorder | None = None
+        self.claimer: BatchClaimer | None = None
         self.root: pykka.ActorRef[Any] | None = None
 
     def start(self) -> None:
@@ -155,7 +157,9 @@ class ActorTree:
         self.pool = ActorPool(s.ACTOR_POOL_THREADS, name="herald-actor-pool")
         UserBatchActor.actor_pool = self.pool
         self.mail = MailDispatcher(s, self._mailer_factory)
-        context = BatchContext(s, self.timers, self.mail, new_worker_id())
+        self.claimer = BatchClaimer(new_worker_id())
+        self.claimer.start()
+        context = BatchContext(s, self.timers, self.mail, self.claimer)
         timers = self.timers
         make = {
             "shard_router": lambda parent: ShardRouter.start(
@@ -194,6 +198,8 @@ class ActorTree:
                 logger.warning("actor tree did not stop within %ss", timeout)
         if self.mail is not None:
             self.mail.shutdown(wait=True)
+        if self.claimer is not None:
+            self.claimer.stop()  # hands back claims of actors that stopped meanwhile
         if self.timers is not None:
             self.timers.stop()
         if self.pool is not None:

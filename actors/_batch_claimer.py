@@ -1,0 +1,211 @@
+"""Group claims for the email side: many UserBatchActors' flushes, one transaction.
+
+A flush needs the database twice: to claim the user's due rows (and load what
+rendering needs), and, once the emails are out, to delete the sent rows and find the
+next wake-up. Done one user at a time, those round trips and commits cost more than
+rendering the email. So a UserBatchActor does not query itself: it asks the
+`BatchClaimer`, and one claimer thread per process takes every request queued so far
+(up to `GROUP_MAX`) and serves them together: the settles in one transaction, the
+claims in another, each a few set-based statements whatever the group's size
+(`_batch_store.claim_batches`, `_batch_store.settle`).
+
+Answers go back as messages (`Claimed`, `Settled`), so an actor never holds a pool
+thread while it waits. When a batch is claimed for an actor that has stopped or
+crashed meanwhile, the claimer hands the rows straight back (`release`), so they do
+not wait out the claim's lease. When a group fails, each of its actors gets
+`ClaimFailed` and crashes on it, and its supervisor restarts it, which re-reads
+its state from the database: the same path as any other database error in an actor.
+
+Requests queue without a delay of their own: at low load a group is one request;
+under load, requests gather while the previous group is in the database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import pykka
+
+from actors import _batch_store as store
+from models import in_thread_connection
+
+logger = logging.getLogger("herald.email")
+
+# The most requests one group takes; bounds its locks and its statement sizes.
+GROUP_MAX = 500
+# How long `stop()` waits for the claimer to serve what is queued (seconds).
+STOP_WAIT_SECONDS = 30.0
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
+
+
+# Answers (to the asking UserBatchActor) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The answer to `claim`: the claimed batch, or None and the next wake-up when
+    nothing was due (already claimed by another worker, or sent, read or deleted)."""
+
+    batch: store.Batch | None
+    wakeup: float | None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The answer to `settle`: the sent rows are gone; look again at `wakeup`."""
+
+    wakeup: float | None
+
+
+@dataclass(frozen=True)
+class ClaimFailed:
+    """The group holding this request failed; the actor should crash and restart."""
+
+    exc_info: ExcInfo
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Claim:
+    user_id: int
+    forced: bool
+    reply_to: pykka.ActorRef[Any]
+
+
+@dataclass(frozen=True)
+class _Settle:
+    user_id: int
+    claim_id: str
+    sent: list[int] | None
+    reply_to: pykka.ActorRef[Any]
+
+
+_STOP = object()
+
+
+class BatchClaimer:
+    """Serves flush claims and settles for many users at once, on one thread.
+
+    Parameters:
+      worker_id: this process's name; its claim ids start with it.
+    """
+
+    def __init__(self, worker_id: str) -> None:
+        self._worker_id = worker_id
+        self._groups = itertools.count(1)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="herald-batch-claimer",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Serve what is queued, then end the thread (called once, at shutdown)."""
+        self._queue.put(_STOP)
+        self._thread.join(STOP_WAIT_SECONDS)
+
+    def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> None:
+        """Claim the user's due rows (all pending rows when `forced`); `reply_to` is
+        told `Claimed` (any thread)."""
+        self._queue.put(_Claim(user_id, forced, reply_to))
+
+    def settle(self, user_id: int, claim_id: str, sent: list[int] | None,
+               reply_to: pykka.ActorRef[Any]) -> None:
+        """Delete the claim's sent rows (`None`: all it claimed); `reply_to` is told
+        `Settled` with the user's next wake-up (any thread)."""
+        self._queue.put(_Settle(user_id, claim_id, sent, reply_to))
+
+    # The claimer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        deferred: list[Any] = []
+        while not stopping or deferred:
+            group, deferred = deferred, []
+            if not group:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                group.append(first)
+            while len(group) < GROUP_MAX and not stopping:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                else:
+                    group.append(item)
+            settles = [r for r in group if isinstance(r, _Settle)]
+            claims: dict[int, _Claim] = {}
+            for request in group:
+                if isinstance(request, _Claim):
+                    if request.user_id in claims:
+                        deferred.append(request)  # one claim per user per group
+                    else:
+                        claims[request.user_id] = request
+            if settles:
+                self._settle(settles)
+            if claims:
+                self._claim(list(claims.values()))
+
+    def _settle(self, requests: list[_Settle]) -> None:
+        try:
+            wakeups = in_thread_connection(
+                store.settle, [(r.claim_id, r.sent) for r in requests],
+                sorted({r.user_id for r in requests}),
+            )
+        except Exception:
+            logger.exception("settling %d email claims failed", len(requests))
+            _fail(requests)
+            return
+        for request in requests:
+            _tell(request.reply_to, Settled(wakeups.get(request.user_id)))
+
+    def _claim(self, requests: list[_Claim]) -> None:
+        group_id = f"{self._worker_id}:{next(self._groups):x}"
+        try:
+            batches, wakeups = in_thread_connection(
+                store.claim_batches, [r.user_id for r in requests],
+                {r.user_id for r in requests if r.forced}, group_id,
+            )
+        except Exception:
+            logger.exception("claiming %d users' email batches failed", len(requests))
+            _fail(requests)
+            return
+        for request in requests:
+            batch = batches.get(request.user_id)
+            if _tell(request.reply_to, Claimed(batch, wakeups.get(request.user_id))):
+                continue
+            if batch is not None:
+                # Its actor is gone: hand the rows back rather than let them wait out
+                # the lease; the user's next actor (or the router's sweep) takes them.
+                try:
+                    in_thread_connection(store.release, batch.claim_id)
+                except Exception:
+                    logger.exception("could not release claim %s", batch.claim_id)
+
+
+def _tell(ref: pykka.ActorRef[Any], message: Any) -> bool:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        return False
+    return True
+
+
+def _fail(requests: list[_Claim] | list[_Settle]) -> None:
+    exc_info = sys.exc_info()
+    for request in requests:
+        _tell(request.reply_to, ClaimFailed(exc_info))  # type: ignore[arg-type]
