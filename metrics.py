@@ -34,6 +34,11 @@ EMAIL_SEND_LATENESS = Histogram(
     "Time from a batch's deadline to its emails being sent",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
 )
+EMAIL_CLAIM_GROUP_SIZE = Histogram(
+    "herald_email_claim_group_size",
+    "Users whose flushes were claimed together in one transaction",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+)
 PUSHES = Counter(
     "herald_pushes_total", "Push sends by provider and outcome", ["provider", "outcome"]
 )

@@ -34,6 +34,7 @@ from typing import Any
 import pykka
 
 from actors import _batch_store as store
+from metrics import EMAIL_CLAIM_GROUP_SIZE
 from models import in_thread_connection
 
 logger = logging.getLogger("herald.email")
@@ -175,6 +176,7 @@ class BatchClaimer:
 
     def _claim(self, requests: list[_Claim]) -> None:
         group_id = f"{self._worker_id}:{next(self._groups):x}"
+        EMAIL_CLAIM_GROUP_SIZE.observe(len(requests))
         try:
             batches, wakeups = in_thread_connection(
                 store.claim_batches, [r.user_id for r in requests],

@@ -1,0 +1,145 @@
+"""The BatchClaimer: many users' flushes claimed and settled together, on both backends.
+
+End to end, the email tests show each behaviour through the claimer; here a group is
+formed on purpose (requests queued before its thread starts), so what a group must keep
+apart (one user's read state, one user's claim) is checked directly.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+import pytest
+from prometheus_client import REGISTRY
+
+from actors import _batch_store as store
+from actors._batch_claimer import BatchClaimer, Claimed, Settled
+from events import parse_event
+from models import ScheduledMessageNotificationEmail as Row
+from models import User, write_transaction
+from tests.conftest import message_event
+from tests.harness import InProcessHerald
+
+SHARED, OWN = 7001, 7100  # one stream message to every user; then one message each
+
+
+class Inbox(pykka.ThreadingActor):
+    """Stands in for a UserBatchActor: puts whatever it is told on a queue."""
+
+    def __init__(self, received: queue.Queue[Any]) -> None:
+        super().__init__()
+        self.received = received
+
+    def on_receive(self, message: Any) -> None:
+        self.received.put(message)
+
+
+@pytest.fixture
+def parts(env: dict[str, str]) -> Iterator[InProcessHerald]:
+    h = InProcessHerald(env, start_worker=False)
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+def _record(h: InProcessHerald, users: list[int], due: float) -> None:
+    def setup() -> None:
+        User.insert_many([{"id": u, "email": f"user{u}@example.com", "full_name": f"U{u}"}
+                          for u in users]).execute()
+        events: list[Any] = []
+        for u in users:
+            events.append(parse_event(message_event(u, message_id=SHARED)))
+            events.append(parse_event(message_event(u, message_id=OWN + u)))
+        with write_transaction():
+            store.record_many(events, now=due - 120)
+
+    h.db(setup)
+
+
+def _group_sizes() -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("herald_email_claim_group_size_count") or 0.0
+    total = REGISTRY.get_sample_value("herald_email_claim_group_size_sum") or 0.0
+    return count, total
+
+
+def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
+    parts: InProcessHerald,
+) -> None:
+    users = [1, 2, 3, 4, 5]
+    _record(parts, users, due=time.time() - 1)
+    # User 2 read the shared message, and user 3's own message was deleted, before
+    # the flush: the group must drop those for them alone.
+    parts.db(lambda: store.drop_read(2, [SHARED]))
+    parts.db(lambda: store.drop_deleted([OWN + 3]))
+    received: queue.Queue[Any] = queue.Queue()
+    inbox = Inbox.start(received)
+    gone = Inbox.start(received)
+    gone.stop()
+    claimer = BatchClaimer("test-worker")
+    count_before, sum_before = _group_sizes()
+    try:
+        for user in [1, 2, 3, 4]:
+            claimer.claim(user, False, inbox)
+        claimer.claim(5, False, gone)  # its actor stopped: the claim must be handed back
+        claimer.start()
+        answers = [received.get(timeout=10) for _ in range(4)]
+        assert all(isinstance(a, Claimed) and a.batch is not None for a in answers)
+        batches = {a.batch.user.id: a.batch for a in answers}
+        assert {u: sorted(b.messages) for u, b in batches.items()} == {
+            1: [SHARED, OWN + 1], 2: [OWN + 2], 3: [SHARED], 4: [SHARED, OWN + 4],
+        }
+        assert len({b.claim_id for b in batches.values()}) == 4
+        # One group of five claims, one transaction.
+        count_after, sum_after = _group_sizes()
+        assert (count_after - count_before, sum_after - sum_before) == (1, 5)
+
+        def claims() -> dict[tuple[int, int], str | None]:
+            return {(r.user_id, r.message_id): r.claimed_by for r in Row.select()}
+
+        claimed = parts.db(claims)
+        assert claimed[(5, SHARED)] is None and claimed[(5, OWN + 5)] is None
+        # Rows read or deleted meanwhile are gone; the others carry their user's claim.
+        assert (2, SHARED) not in claimed and (3, OWN + 3) not in claimed
+        assert claimed[(1, OWN + 1)] == batches[1].claim_id
+
+        # Settle: user 1 sent everything; user 4 only its own message (the shared one
+        # failed and stays claimed); the answers carry each user's next wake-up.
+        claimer.settle(1, batches[1].claim_id, None, inbox)
+        claimer.settle(4, batches[4].claim_id, [OWN + 4], inbox)
+        settled = [received.get(timeout=10) for _ in range(2)]
+        assert all(isinstance(s, Settled) for s in settled)
+        left = parts.db(claims)
+        assert not any(user == 1 for user, _ in left)
+        assert (4, OWN + 4) not in left and left[(4, SHARED)] == batches[4].claim_id
+        wakeups = sorted(s.wakeup is None for s in settled)
+        assert wakeups == [False, True]  # user 4 looks again when its lease ends
+    finally:
+        claimer.stop()
+        inbox.stop()
+
+
+def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> None:
+    due = time.time() + 60
+    _record(parts, [1], due=due)
+    received: queue.Queue[Any] = queue.Queue()
+    inbox = Inbox.start(received)
+    claimer = BatchClaimer("test-worker")
+    claimer.start()
+    try:
+        claimer.claim(1, False, inbox)
+        answer = received.get(timeout=10)
+        assert isinstance(answer, Claimed) and answer.batch is None
+        assert answer.wakeup == pytest.approx(due, abs=0.01)
+        # Forced ("flush": "now"): the same rows are due at once.
+        claimer.claim(1, True, inbox)
+        answer = received.get(timeout=10)
+        assert isinstance(answer, Claimed) and answer.batch is not None
+        assert sorted(answer.batch.messages) == [SHARED, OWN + 1]
+    finally:
+        claimer.stop()
+        inbox.stop()
