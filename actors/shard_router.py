@@ -1,29 +1,28 @@
-"""ShardRouter: starts and supervises one PushActor per shard and routes work to it."""
+"""ShardRouter: starts and supervises one PushActor per shard and publishes where they are.
+
+Routing is a table lookup: the router publishes {shard: PushActor ref} whenever a
+child starts or goes, and the consumer threads tell the shard's PushActor directly.
+Passing every push through the router's own mailbox as well cost a thread hand-off per
+push (under one GIL, a measurable share of a push's CPU) and bought nothing: the
+consumer threads race each other anyway, and the PushEngine's per-user locks, not
+mailbox order, keep a user's events in order.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-from actors._push_engine import PushWork
 from actors.push import PushActor
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
-from delivery.outcomes import TransientDeliveryError
 from settings import Settings
 
 logger = logging.getLogger("herald.push")
 
-
-@dataclass(frozen=True)
-class RoutePush:
-    """To the ShardRouter: hand `work` to the PushActor of `shard`."""
-
-    shard: int
-    work: PushWork
+ShardTable = dict[int, pykka.ActorRef[Any]]
 
 
 class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
@@ -34,6 +33,8 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
       supervisor_ref: the root supervisor.
       providers: optional provider factory passed to every PushActor (tests, bench).
       schedule: how to run a restart after a delay (default: a timer thread).
+      publish: called (on the router's thread) with the current {shard: PushActor}
+        table whenever it changes.
     """
 
     def __init__(
@@ -42,9 +43,11 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         supervisor_ref: pykka.ActorRef[Any] | None,
         providers: Callable[[Settings], tuple[Any, Any, Any]] | None = None,
         schedule: Callable[[float, Callable[[], None]], Any] | None = None,
+        publish: Callable[[ShardTable], None] | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
+        self._publish = publish
         self.supervisor_ref = supervisor_ref
         self.supervision_key = "shard_router"
         self._providers = providers
@@ -59,24 +62,7 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
             self._restart(shard)
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, RoutePush):
-            child = self._children.get(message.shard)
-            if child is None:
-                message.work.reply.set_exception(
-                    (TransientDeliveryError,
-                     TransientDeliveryError(f"push shard {message.shard} is restarting"), None)
-                )
-                return None
-            try:
-                child.tell(message.work)
-            except pykka.ActorDeadError:
-                # The child just crashed and its ChildFailed is on the way: retry later
-                # rather than let this router (and every sibling shard) die with it.
-                message.work.reply.set_exception(
-                    (TransientDeliveryError,
-                     TransientDeliveryError(f"push shard {message.shard} is restarting"), None)
-                )
-        elif isinstance(message, ChildFailed):
+        if isinstance(message, ChildFailed):
             self._on_child_failed(message)
         elif isinstance(message, RestartChild):
             self._on_restart_child(message)
@@ -89,12 +75,14 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         self._stop_children()
 
     def _stop_children(self) -> None:
-        for ref in list(self._children.values()):
+        children = list(self._children.values())
+        self._children.clear()
+        self._publish_table()  # no new work for children on their way out
+        for ref in children:
             try:
                 ref.stop(block=True, timeout=30)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
-        self._children.clear()
 
     def _current_child_urn(self, key: Any) -> str | None:
         ref = self._children.get(key)
@@ -102,12 +90,18 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
 
     def _forget_child(self, key: Any) -> None:
         self._children.pop(key, None)
+        self._publish_table()
 
     def _restart(self, key: Any) -> None:
         shard = int(key)
         self._children[shard] = PushActor.start(
             self.settings, shard, self.actor_ref, self._providers
         )
+        self._publish_table()
+
+    def _publish_table(self) -> None:
+        if self._publish is not None:
+            self._publish(dict(self._children))
 
     def _child_kind(self, key: Any) -> str:
         return "PushActor"

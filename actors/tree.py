@@ -36,7 +36,7 @@ from actors.batch import (
     new_worker_id,
 )
 from actors.runtime import ActorPool, TimerWheel
-from actors.shard_router import RoutePush, ShardRouter
+from actors.shard_router import ShardRouter, ShardTable
 from actors.supervision import ChildFailed, RestartChild, SupervisorMixin
 from delivery.outcomes import TransientDeliveryError
 from delivery.smtp import Mailer
@@ -47,6 +47,8 @@ logger = logging.getLogger("herald.actors")
 
 # How long a consumer waits for the actor tree before retrying the message later.
 HANDOFF_TIMEOUT_SECONDS = 120.0
+# How long a consumer waits for the routers (and the first shard table) at start-up.
+ROUTER_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class ActorTree:
         self._mailer_factory = mailer_factory
         self._routers = _Routers(None, None)
         self._routers_changed = threading.Condition()
+        # {shard: PushActor}, as the ShardRouter last published it; None before that.
+        self._shards: ShardTable | None = None
         self.pool: ActorPool | None = None
         self.timers: TimerWheel | None = None
         self.mail: MailDispatcher | None = None
@@ -163,7 +167,8 @@ class ActorTree:
         timers = self.timers
         make = {
             "shard_router": lambda parent: ShardRouter.start(
-                s, parent, self._providers, lambda delay, fn: timers.call_later(delay, fn)
+                s, parent, self._providers, lambda delay, fn: timers.call_later(delay, fn),
+                self._publish_shards,
             ),
             "batch_router": lambda parent: BatchRouter.start(context, parent),
         }
@@ -177,7 +182,26 @@ class ActorTree:
             self._routers = _Routers(children.get("shard_router"), children.get("batch_router"))
             self._routers_changed.notify_all()
 
-    def _wait_for_routers(self, timeout: float = 30.0) -> _Routers:
+    def _publish_shards(self, table: ShardTable) -> None:
+        with self._routers_changed:
+            self._shards = table
+            self._routers_changed.notify_all()
+
+    def _shard(self, shard: int) -> pykka.ActorRef[Any]:
+        """The shard's PushActor; waits for the first table at start-up only."""
+        deadline = time.monotonic() + ROUTER_WAIT_SECONDS
+        with self._routers_changed:
+            while self._shards is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransientDeliveryError("actor tree is starting")
+                self._routers_changed.wait(remaining)
+            ref = self._shards.get(shard)
+        if ref is None:
+            raise TransientDeliveryError(f"push shard {shard} is restarting")
+        return ref
+
+    def _wait_for_routers(self, timeout: float = ROUTER_WAIT_SECONDS) -> _Routers:
         deadline = time.monotonic() + timeout
         with self._routers_changed:
             while self._routers.shard is None or self._routers.batch is None:
@@ -209,12 +233,11 @@ class ActorTree:
 
     def push(self, shard: int, event: Any, command: dict[str, Any] | None) -> None:
         reply: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
-        routers = self._wait_for_routers()
-        assert routers.shard is not None
         try:
-            routers.shard.tell(RoutePush(shard, PushWork(event, command, reply)))
+            self._shard(shard).tell(PushWork(event, command, reply))
         except pykka.ActorDeadError:
-            raise TransientDeliveryError("push router is restarting") from None
+            # It just crashed; its router restarts it: retry later.
+            raise TransientDeliveryError(f"push shard {shard} is restarting") from None
         _wait(reply)
 
     def email(self, event: Any, command: dict[str, Any] | None) -> None:
