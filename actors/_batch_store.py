@@ -172,14 +172,12 @@ class Batch:
       user: None when the user is gone.
       rows: the claimed rows whose messages are still unread and not deleted.
       messages: those messages, by id.
-      claimed: the message ids of every row the claim took (for settling it).
     """
 
     claim_id: str
     user: BatchUser | None
     rows: list[ClaimedRow]
     messages: dict[int, MessageData]
-    claimed: list[int]
 
 
 def claim_id_for(group_id: str, user_id: int) -> str:
@@ -264,7 +262,6 @@ def claim_batches(
         batches[user_id] = Batch(
             claim_id_for(group_id, user_id), profiles.get(user_id), kept,
             {r.message_id: messages[r.message_id] for r in kept},
-            [r.message_id for r in claimed],
         )
     if gone:
         sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('id')}", [sql.ids(gone)])

@@ -284,9 +284,9 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                                 self.user_id, attempts, outcome.reason[:200])
                     continue
                 self._dead_letter(outcome, attempts, f"gave up after {attempts} tries: "
-                                  f"{outcome.reason}", claim_id=None)
+                                  f"{outcome.reason}")
             else:
-                self._dead_letter(outcome, 1, outcome.reason, claim_id=message.claim_id)
+                self._dead_letter(outcome, 1, outcome.reason)
         # Everything sent: the claim's rows all go. Else only the sent ones (the failed
         # ones were handed back or dead-lettered above).
         self.ctx.claimer.settle(self.user_id, message.claim_id, sent if failed else None,
@@ -301,8 +301,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             return
         self._arm(wakeup)
 
-    def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str,
-                     claim_id: str | None) -> None:
+    def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str) -> None:
         def move() -> None:
             rows = list(store.Row.select().where(
                 (store.Row.user_id == self.user_id)
