@@ -16,17 +16,14 @@ not wait out the claim's lease. When a group fails, each of its actors gets
 `ClaimFailed` and crashes on it, and its supervisor restarts it, which re-reads
 its state from the database: the same path as any other database error in an actor.
 
-Requests queue without a delay of their own: at low load a group is one request;
-under load, requests gather while the previous group is in the database.
+Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import sys
-import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -34,6 +31,7 @@ from typing import Any
 import pykka
 
 from actors import _batch_store as store
+from actors._group_thread import GroupThread
 from metrics import EMAIL_CLAIM_GROUP_SIZE
 from models import in_thread_connection
 
@@ -41,8 +39,6 @@ logger = logging.getLogger("herald.email")
 
 # The most requests one group takes; bounds its locks and its statement sizes.
 GROUP_MAX = 500
-# How long `stop()` waits for the claimer to serve what is queued (seconds).
-STOP_WAIT_SECONDS = 30.0
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
@@ -91,10 +87,7 @@ class _Settle:
     reply_to: pykka.ActorRef[Any]
 
 
-_STOP = object()
-
-
-class BatchClaimer:
+class BatchClaimer(GroupThread["_Claim | _Settle"]):
     """Serves flush claims and settles for many users at once, on one thread.
 
     Parameters:
@@ -102,64 +95,38 @@ class BatchClaimer:
     """
 
     def __init__(self, worker_id: str) -> None:
+        super().__init__("herald-batch-claimer", GROUP_MAX)
         self._worker_id = worker_id
         self._groups = itertools.count(1)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="herald-batch-claimer",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Serve what is queued, then end the thread (called once, at shutdown)."""
-        self._queue.put(_STOP)
-        self._thread.join(STOP_WAIT_SECONDS)
 
     def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> None:
         """Claim the user's due rows (all pending rows when `forced`); `reply_to` is
         told `Claimed` (any thread)."""
-        self._queue.put(_Claim(user_id, forced, reply_to))
+        self.put(_Claim(user_id, forced, reply_to))
 
     def settle(self, user_id: int, claim_id: str, sent: list[int] | None,
                reply_to: pykka.ActorRef[Any]) -> None:
         """Delete the claim's sent rows (`None`: all it claimed); `reply_to` is told
         `Settled` with the user's next wake-up (any thread)."""
-        self._queue.put(_Settle(user_id, claim_id, sent, reply_to))
+        self.put(_Settle(user_id, claim_id, sent, reply_to))
 
     # The claimer thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        stopping = False
-        deferred: list[Any] = []
-        while not stopping or deferred:
-            group, deferred = deferred, []
-            if not group:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                group.append(first)
-            while len(group) < GROUP_MAX and not stopping:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
+    def serve(self, group: list[_Claim | _Settle]) -> list[_Claim | _Settle]:
+        settles = [r for r in group if isinstance(r, _Settle)]
+        claims: dict[int, _Claim] = {}
+        later: list[_Claim | _Settle] = []
+        for request in group:
+            if isinstance(request, _Claim):
+                if request.user_id in claims:
+                    later.append(request)  # one claim per user per group
                 else:
-                    group.append(item)
-            settles = [r for r in group if isinstance(r, _Settle)]
-            claims: dict[int, _Claim] = {}
-            for request in group:
-                if isinstance(request, _Claim):
-                    if request.user_id in claims:
-                        deferred.append(request)  # one claim per user per group
-                    else:
-                        claims[request.user_id] = request
-            if settles:
-                self._settle(settles)
-            if claims:
-                self._claim(list(claims.values()))
+                    claims[request.user_id] = request
+        if settles:
+            self._settle(settles)
+        if claims:
+            self._claim(list(claims.values()))
+        return later
 
     def _settle(self, requests: list[_Settle]) -> None:
         try:

@@ -15,9 +15,7 @@ order of one user's events (a message, then its `read`) is the order they are ap
 from __future__ import annotations
 
 import logging
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any
 import pykka
 
 from actors import _batch_store as store
+from actors._group_thread import GroupThread
 from events import MessageDeletedEvent, MessageEvent, ReadEvent
 from models import in_thread_connection, write_transaction
 
@@ -33,8 +32,6 @@ logger = logging.getLogger("herald.email")
 
 # The most events one transaction takes; bounds its locks and its statement sizes.
 GROUP_MAX = 500
-# How long `stop()` waits for the writer to finish what is queued (seconds).
-STOP_WAIT_SECONDS = 30.0
 
 EmailEvent = MessageEvent | ReadEvent | MessageDeletedEvent
 
@@ -58,10 +55,7 @@ class Recorded:
     flush_now: frozenset[int]
 
 
-_STOP = object()
-
-
-class EmailRecorder:
+class EmailRecorder(GroupThread[_Item]):
     """Commits email events in groups on one writer thread.
 
     Parameters:
@@ -69,46 +63,20 @@ class EmailRecorder:
     """
 
     def __init__(self, on_recorded: Callable[[Recorded], None]) -> None:
+        super().__init__("herald-email-recorder", GROUP_MAX)
         self._on_recorded = on_recorded
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="herald-email-recorder",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Commit what is queued, then end the writer (called once, at shutdown)."""
-        self._queue.put(_STOP)
-        self._thread.join(STOP_WAIT_SECONDS)
 
     def submit(self, event: EmailEvent) -> pykka.ThreadingFuture[Any]:
         """Queue `event`; the future resolves once it is committed (any thread)."""
         item = _Item(event)
-        self._queue.put(item)
+        self.put(item)
         return item.reply
 
     # The writer thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            group = [first]
-            stopping = False
-            while len(group) < GROUP_MAX:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                group.append(item)
-            self._commit(group)
-            if stopping:
-                return
+    def serve(self, group: list[_Item]) -> list[_Item]:
+        self._commit(group)
+        return []
 
     def _commit(self, group: list[_Item]) -> None:
         try:
