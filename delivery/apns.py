@@ -283,7 +283,9 @@ class _HeraldProtocol(APNsTLSClientProtocol):
         try:
             self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
         except H2Error:
-            return
+            # Closed already: the server reset it, which aioapns does not notice (it
+            # frees a channel only when a stream ends). The channel is free all the same.
+            pass
         self.free_channels.release()
         self._h2.send_backlog()  # its queued body, if any, may have been holding the line
         if self.transport is not None and not self.transport.is_closing():

@@ -20,8 +20,8 @@ from delivery.apns import (
     parse_endpoint,
     parse_retry_after,
 )
-from delivery.outcomes import Outcome, SendResult
-from tests.fakes.apns import FakeApns, make_apns_key
+from delivery.outcomes import MAX_RETRY_AFTER_SECONDS, Outcome, SendResult
+from tests.fakes.apns import RESET_STREAM, FakeApns, make_apns_key
 
 CLIENT_TOPIC = "org.herald.test"
 DEVICE_TOPIC = "org.zulip.Zulip"
@@ -256,6 +256,32 @@ def test_timeouts_do_not_use_up_the_connections_streams(key: Key) -> None:
         server.stop()
 
 
+def test_streams_the_server_resets_do_not_use_up_the_connection(key: Key) -> None:
+    # The server resets 10 streams in a row on a connection of 5: each send times out,
+    # and each must give its stream back, or the last send could not go out.
+    server = FakeApns(
+        public_key=key.public_key, key_id=key.key_id, team_id=key.team_id,
+        max_concurrent_streams=5,
+    )
+    server.start()
+    try:
+        server.script(TOKEN, [(RESET_STREAM, None, {})] * 10)
+
+        async def work(sender: ApnsSender) -> tuple[list[SendResult], SendResult]:
+            refused = [
+                await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD) for _ in range(10)
+            ]
+            return refused, await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)
+
+        refused, last = run_with(make_sender(server, key, timeout=0.2, max_connections=1),
+                                 work)
+        assert [r.outcome for r in refused] == [Outcome.TRANSIENT] * 10
+        assert last.outcome is Outcome.DELIVERED
+        assert server.connections_total == 1
+    finally:
+        server.stop()
+
+
 def test_connection_refused_is_transient(key: Key) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -469,4 +495,8 @@ def test_parse_endpoint_and_retry_after() -> None:
     assert parse_retry_after("2") == 2
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
+    # Malformed or absurd values must never reach the retry delay as inf or years.
+    for bad in ("inf", "Infinity", "-inf", "nan", "1e999", "-5"):
+        assert parse_retry_after(bad) is None, bad
+    assert parse_retry_after("1e300") == MAX_RETRY_AFTER_SECONDS
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10

@@ -14,7 +14,8 @@
 * Every request is recorded in ``requests`` (thread-safe), its ``apns-id`` echoed (or
   made up), and answered 200, or by the answers scripted for its token
   (``script(token, [(status, reason, headers), ...])``, consumed in order). Error
-  answers carry ``{"reason": ...}`` as Apple's do.
+  answers carry ``{"reason": ...}`` as Apple's do. A scripted status of
+  ``RESET_STREAM`` answers with an RST_STREAM (REFUSED_STREAM) instead.
 * ``delay`` seconds (settable at any time) are waited before answering, without
   blocking other streams, so hundreds of concurrent streams are served concurrently.
 
@@ -55,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -70,6 +72,8 @@ from h2.settings import SettingCodes, Settings
 DEVICE_PATH = "/3/device/"
 # Apple's payload limit for ordinary pushes, in bytes.
 MAX_PAYLOAD_BYTES = 4096
+# A scripted status that resets the stream instead of answering it.
+RESET_STREAM = -1
 # Apple rejects provider tokens older than this many seconds.
 MAX_TOKEN_AGE = 3600
 # Leeway for an ``iat`` slightly in the future (clock skew), in seconds.
@@ -601,7 +605,9 @@ class _Connection(asyncio.Protocol):
         headers = [(b":status", str(status).encode()), (b"apns-id", apns_id.encode())]
         headers.extend((k.lower().encode(), str(v).encode()) for k, v in extra.items())
         try:
-            if status == 200:
+            if status == RESET_STREAM:
+                self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            elif status == 200:
                 self.conn.send_headers(stream_id, headers, end_stream=True)
             else:
                 document: dict[str, Any] = {"reason": reason or "Unknown"}
