@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import math
 import time
 from dataclasses import dataclass
 
@@ -60,8 +61,13 @@ class PermanentDeliveryError(DeliveryError):
     """Retrying will not help."""
 
 
+# The longest wait a provider's Retry-After can impose; longer asks are cut to this.
+MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date); None if absent/bad."""
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date), at most
+    `MAX_RETRY_AFTER_SECONDS`; None if absent or malformed (negative, NaN, infinite)."""
     if value is None:
         return None
     value = value.strip()
@@ -75,6 +81,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         except (TypeError, ValueError):
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, seconds)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
