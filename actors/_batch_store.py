@@ -49,7 +49,7 @@ def record_many(events: Sequence[MessageEvent], now: float | None = None) -> lis
     """
     now = time.time() if now is None else now
     # Locked in id order, so two workers' groups never deadlock on each other;
-    # `claim_batch` takes the same lock (see there).
+    # `claim_batches` takes the same locks (see there).
     periods = {
         uid: float(period) for uid, bot, email_on, period in sql.rows(
             "SELECT id, is_bot, enable_offline_email_notifications, "

@@ -87,8 +87,8 @@ class HeraldAPI:
                 Row.update(scheduled_timestamp=Row.scheduled_timestamp + shift).where(
                     (Row.user_id == uid) & Row.claimed_by.is_null()
                 ).execute()
-            has_batch = Row.select().where(Row.user_id == uid).exists()
-        if shift or has_batch:
+            rearm = bool(shift) or Row.select().where(Row.user_id == uid).exists()
+        if rearm:
             # The worker holding this user's batch must re-read the deadline. Sent on
             # every PUT while a batch is open, not only on a change: a PUT retried after
             # this publish failed finds nothing to change, and must still re-arm.

@@ -110,8 +110,9 @@ def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
                     fake.delay = 6.0
                     event = message_event(USER, channels=("push",))
                     assert client.post("/v1/events", json=event).status_code == 202
-                    time.sleep(2.0)  # the send is in flight, held by the slow provider
-                    assert fake.requests == []
+                    wait_until(lambda: fake.arrived == ["slow-1"], timeout=15,
+                               what="the send to reach the slow provider")
+                    assert fake.requests == [], "in flight: not answered yet"
                     worker.kill()  # mid-send: the message is unacked
                     fake.delay = 0.0
                     restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()

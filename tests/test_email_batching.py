@@ -243,8 +243,8 @@ def test_changing_the_period_moves_the_open_window(
     h.put_user(7, email_batching_period_seconds=2)
     h.put_user(8, email_batching_period_seconds=1)
     moved_a, moved_b = pending(h, 7)[mid(a)], pending(h, 8)[mid(b)]
-    assert moved_a == pytest.approx(deadline_a + 1)
-    assert moved_b == pytest.approx(deadline_b - 59)
+    assert moved_a == pytest.approx(deadline_a + 1, abs=0.05)
+    assert moved_b == pytest.approx(deadline_b - 59, abs=0.05)
 
     [got_b] = smtp.wait_for(1, to=addr(8), timeout=moved_b - time.time() + LATE_MARGIN)
     assert moved_b <= got_b.at <= moved_b + LATE_MARGIN
@@ -284,7 +284,7 @@ def test_a_retried_put_rearms_after_the_rearm_publish_failed(
     failed = h.client.put("/v1/users/8", json=body)
     assert failed.status_code == 503, failed.text
     moved = pending(h, 8)[mid(e)]
-    assert moved == pytest.approx(old_deadline - 58), "the change was committed"
+    assert moved == pytest.approx(old_deadline - 58, abs=0.05), "the change was committed"
 
     h.put_user(8, email_batching_period_seconds=2)  # the retry: nothing left to change
     assert rearms == [{"user_id": 8}, {"user_id": 8}], "the retry must re-arm the batch"
@@ -408,13 +408,14 @@ def test_smtp_failures_retry_then_send_once_or_dead_letter(
 
     [got] = smtp.wait_for(1, to=addr(7), timeout=15)
     assert got.message_ids == [mid(flaky)]
-    letters = wait_until(lambda: (d := dead_letters(h)) and len(d) >= 2 and d,
-                         timeout=15, what="two dead letters")
+    wait_until(lambda: len(dead_letters(h)) >= 2, timeout=15, what="two dead letters")
     time.sleep(QUIET_SECONDS)
     assert len(smtp.emails()) == 1, "only the retried email arrives, once"
     assert smtp.attempts == {addr(7): 3, addr(8): 1, addr(9): 3}
 
-    by_user = {d.user_id: d for d in dead_letters(h)}
+    letters = dead_letters(h)  # after the quiet period: a late duplicate would show
+    assert len(letters) == 2
+    by_user = {d.user_id: d for d in letters}
     assert sorted(by_user) == [8, 9]
     assert all(d.kind == "email_batch" for d in by_user.values())
     assert "550" in by_user[8].reason and "no such mailbox" in by_user[8].reason
@@ -422,7 +423,6 @@ def test_smtp_failures_retry_then_send_once_or_dead_letter(
     assert "451" in by_user[9].reason and "3 tries" in by_user[9].reason
     assert by_user[9].attempts == 3
     assert str(mid(busy)) in by_user[9].payload
-    assert len(letters) == 2
     for uid in (7, 8, 9):
         assert pending(h, uid) == {}
 

@@ -815,8 +815,8 @@ def test_redacted_content_says_new_message(
     assert "0000" not in repr(request.body) and "0000" not in repr(sent.data)
 
 
-def test_dry_run_without_providers_completes_and_sends_nothing(
-    fake_apns: FakeApns, fake_fcm: FakeFcm, start: Callable[..., InProcessHerald]
+def test_dry_run_without_providers_completes_and_counts_each_device(
+    start: Callable[..., InProcessHerald]
 ) -> None:
     h = start()
     add_user(h, 7)
@@ -830,7 +830,6 @@ def test_dry_run_without_providers_completes_and_sends_nothing(
     for provider in ("apns", "fcm"):
         after = sample("herald_pushes_total", provider=provider, outcome="dry_run")
         assert after - before[provider] == 1
-    assert fake_apns.requests == [] and fake_fcm.sent() == []
     assert dead_letters(h) == []
 
 

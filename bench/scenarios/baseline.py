@@ -1,8 +1,8 @@
 """`baseline`: a no-op Dramatiq actor's consume rate on the same broker.
 
-The denominator of the other scenarios: each of them calls `measure()` in its own
-run, on a broker of its own, so its ratio compares figures taken minutes apart on
-the same machine.
+The denominator of the throughput scenarios (ingest-email, push-throughput): each
+calls `measure()` in its own run, on a broker of its own, so its ratio compares
+figures taken minutes apart on the same machine.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ DESCRIPTION = """\
 Publishes N messages for a no-op Dramatiq actor (RabbitMQ: a fresh vhost, no
 publisher confirms; embedded: Dramatiq's in-process StubBroker), then starts one
 dramatiq.Worker with --threads threads and times it draining them. Dramatiq's default
-middleware; nothing of herald runs. Every other scenario measures this again in its
-own run and prints its rate as a ratio of it."""
+middleware; nothing of herald runs. ingest-email and push-throughput measure this
+again in their own runs and print their rates as a ratio of it."""
 
 DEFAULT_MESSAGES = 20_000
 DEFAULT_THREADS = 8

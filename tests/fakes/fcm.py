@@ -225,6 +225,8 @@ class FakeFcm:
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
         self.requests: list[FcmRequest] = []
+        # Tokens of sends as they arrive, before `delay` holds them: "in flight".
+        self.arrived: list[str | None] = []
         self.token_grants = 0
         self.token_refusals = 0
         self._lock = threading.Lock()
@@ -307,6 +309,7 @@ class FakeFcm:
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.arrived.clear()
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -380,6 +383,8 @@ class FakeFcm:
         android = message.get("android") or {}
         priority = android.get("priority") if isinstance(android, dict) else None
 
+        with self._lock:
+            self.arrived.append(token if isinstance(token, str) else None)
         if self.delay:
             await asyncio.sleep(self.delay)
 
