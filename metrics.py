@@ -11,13 +11,13 @@ EVENTS_ACCEPTED = Counter(
     "herald_events_accepted_total", "Events accepted by the ingest API and queued", ["queue"]
 )
 EVENTS_PROCESSED = Counter(
-    "herald_events_processed_total", "Queue messages whose work finished", ["queue"]
+    "herald_events_processed_total", "Queued events whose work finished", ["queue"]
 )
 EVENTS_RETRIED = Counter(
-    "herald_events_retried_total", "Queue messages scheduled for another try", ["queue"]
+    "herald_events_retried_total", "Queued events scheduled for another try", ["queue"]
 )
 EVENTS_FAILED = Counter(
-    "herald_events_failed_total", "Queue messages given up on (dead-lettered)", ["queue"]
+    "herald_events_failed_total", "Queued events given up on (dead-lettered)", ["queue"]
 )
 DEAD_LETTERS = Counter(
     "herald_dead_letters_total", "Rows written to the dead-letter store", ["kind"]

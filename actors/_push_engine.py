@@ -93,7 +93,7 @@ class PushEngine:
         self._ready = threading.Event()
         self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
         self._locks: dict[Any, list[Any]] = {}
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
         self.apns: Any = None
         self.fcm: Any = None
         self.bouncer: Any = None
@@ -125,13 +125,20 @@ class PushEngine:
             self._thread.join(LOOP_WAIT_SECONDS)
         self._db.shutdown(wait=False)
 
-    def submit(self, work: PushWork) -> None:
+    def submit(self, works: list[PushWork]) -> None:
+        """Start `works` on the loop, in their order (one wake-up for the lot)."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._process(work), self._loop)
-        self._inflight.add(future)  # type: ignore[arg-type]
-        future.add_done_callback(self._inflight.discard)  # type: ignore[arg-type]
+        self._loop.call_soon_threadsafe(self._start, works)
 
     # The loop's thread -------------------------------------------------------------
+
+    def _start(self, works: list[PushWork]) -> None:
+        loop = asyncio.get_running_loop()
+        for work in works:
+            # The loop holds tasks weakly: keep each until it is done.
+            task = loop.create_task(self._process(work))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
     def _run_loop(self) -> None:
         loop = _new_event_loop()

@@ -46,18 +46,19 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
         self.engine.start()
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, PushWork):
+        if isinstance(message, list):
             try:
                 self.handle(message)
             except BaseException:
                 # Fail the waiting consumer at once (it retries later), then crash.
-                message.reply.set_exception()
+                for work in message:
+                    work.reply.set_exception()
                 raise
         return None
 
-    def handle(self, work: PushWork) -> None:
-        """Runs on the actor's thread, in mailbox order."""
-        self.engine.submit(work)
+    def handle(self, works: list[PushWork]) -> None:
+        """Runs on the actor's thread, in mailbox order; a message's works in its order."""
+        self.engine.submit(works)
 
     def on_stop(self) -> None:
         self.engine.stop()
@@ -75,12 +76,13 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
                 envelope = inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(envelope.message, PushWork):
-                envelope.message.reply.set_exception((
-                    TransientDeliveryError,
-                    TransientDeliveryError(f"push shard {self.shard} crashed"),
-                    None,
-                ))
+            if isinstance(envelope.message, list):
+                for work in envelope.message:
+                    work.reply.set_exception((
+                        TransientDeliveryError,
+                        TransientDeliveryError(f"push shard {self.shard} crashed"),
+                        None,
+                    ))
             else:
                 others.append(envelope)
         for envelope in others:

@@ -231,14 +231,24 @@ class ActorTree:
 
     # Handlers (Dramatiq worker threads) ----------------------------------------------
 
-    def push(self, shard: int, event: Any, command: dict[str, Any] | None) -> None:
-        reply: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+    def push(self, shard: int, items: list[Any]) -> list[BaseException | None]:
+        work = [PushWork(event, command, pykka.ThreadingFuture()) for event, command in items]
         try:
-            self._shard(shard).tell(PushWork(event, command, reply))
-        except pykka.ActorDeadError:
-            # It just crashed; its router restarts it: retry later.
-            raise TransientDeliveryError(f"push shard {shard} is restarting") from None
-        _wait(reply)
+            self._shard(shard).tell(work)
+        except (pykka.ActorDeadError, TransientDeliveryError) as exc:
+            # It just crashed (its router restarts it) or is starting: retry later.
+            error = exc if isinstance(exc, TransientDeliveryError) else \
+                TransientDeliveryError(f"push shard {shard} is restarting")
+            return [error] * len(work)
+        deadline = time.monotonic() + HANDOFF_TIMEOUT_SECONDS
+        outcomes: list[BaseException | None] = []
+        for one in work:
+            try:
+                _wait(one.reply, max(0.0, deadline - time.monotonic()))
+                outcomes.append(None)
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def email(self, event: Any, command: dict[str, Any] | None) -> None:
         if command is not None:
@@ -286,9 +296,9 @@ class ActorTree:
         return self._routers
 
 
-def _wait(future: pykka.Future[Any]) -> Any:
+def _wait(future: pykka.Future[Any], timeout: float = HANDOFF_TIMEOUT_SECONDS) -> Any:
     try:
-        return future.get(timeout=HANDOFF_TIMEOUT_SECONDS)
+        return future.get(timeout=timeout)
     except pykka.Timeout:
         raise TransientDeliveryError("timed out waiting for the actor tree") from None
     except pykka.ActorDeadError:

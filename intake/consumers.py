@@ -15,7 +15,7 @@ import dramatiq
 from pydantic import ValidationError
 
 from events import parse_event
-from intake.middleware.retries import InvalidMessage
+from intake.middleware.retries import EventsFailed, InvalidMessage
 from intake.queues import EMAIL_ACTOR, EMAIL_QUEUE, push_actor, push_queue
 
 logger = logging.getLogger("herald.intake.consumers")
@@ -29,15 +29,20 @@ PUSH_COMMANDS = frozenset({COMMAND_BOUNCER_REGISTER, COMMAND_BOUNCER_UNREGISTER}
 EMAIL_COMMANDS = frozenset({COMMAND_REARM_USER, COMMAND_REPLAY_EMAIL_BATCH})
 
 
+# One piece of push work: (event, None) or (None, command).
+PushItem = tuple[Any, dict[str, Any] | None]
+
+
 class Handlers(Protocol):
     """What the consumers hand work to: the worker's actor tree.
 
     Both methods run on a Dramatiq worker thread and block until the work is done or
-    durably recorded; they raise `TransientDeliveryError` to retry later and
-    `PermanentDeliveryError` to dead-letter.
+    durably recorded. `email` raises `TransientDeliveryError` to retry later and
+    `PermanentDeliveryError` to dead-letter; `push` takes a message's items in order
+    and answers, per item, None when done or the exception it failed with.
     """
 
-    def push(self, shard: int, event: Any, command: dict[str, Any] | None) -> None: ...
+    def push(self, shard: int, items: list[PushItem]) -> list[BaseException | None]: ...
 
     def email(self, event: Any, command: dict[str, Any] | None) -> None: ...
 
@@ -85,8 +90,18 @@ class Consumers:
 
     def _push_consumer(self, shard: int) -> Any:
         def consume(payload: Any, command: str | None = None) -> None:
-            event, cmd = _parse(payload, command, PUSH_COMMANDS)
-            self._require_handlers().push(shard, event, cmd)
+            payloads = payload if isinstance(payload, list) and command is None else [payload]
+            if not payloads:
+                raise InvalidMessage("empty event list")
+            items = [_parse(one, command, PUSH_COMMANDS) for one in payloads]
+            outcomes = self._require_handlers().push(shard, items)
+            failures = [(one, exc) for one, exc in zip(payloads, outcomes, strict=True)
+                        if exc is not None]
+            if not failures:
+                return
+            if len(payloads) == 1:
+                raise failures[0][1]
+            raise EventsFailed(failures)
 
         consume.__name__ = push_actor(shard)
         return consume

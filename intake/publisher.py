@@ -12,6 +12,11 @@ from metrics import EVENTS_ACCEPTED
 
 AnyEvent = MessageEvent | ReadEvent | MessageDeletedEvent
 
+# The most events one push queue message carries: one request's events for a shard
+# share a message (one publish, one confirm, one delivery and ack), while a failure
+# narrows its retry to the events that failed.
+PUSH_EVENTS_PER_MESSAGE = 100
+
 
 class Publisher:
     """Turns events into queue messages.
@@ -24,6 +29,11 @@ class Publisher:
     Fan-out: a message event goes to its user's push shard and/or the email queue as
     its channels say; `read` to both; `message_deleted` to every push shard (the
     users with pushes for it may live on any) and the email queue.
+
+    Batching: the push events of one `publish` call that go to the same shard travel
+    together, in order, as messages of up to `PUSH_EVENTS_PER_MESSAGE` events (a list
+    payload; a lone event is its own object, as before). Email events stay one per
+    message: the email consumers group their commits already.
     """
 
     def __init__(self, broker: dramatiq.Broker, shards: int) -> None:
@@ -49,11 +59,20 @@ class Publisher:
     def publish(self, events: list[AnyEvent]) -> int:
         """Enqueue every event on its queues; returns the number of queue messages."""
         sent = 0
+        push: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for event in events:
             payload = event.model_dump(mode="json", exclude_none=True)
             for queue, actor in self.routes(event):
-                self._enqueue(queue, actor, payload, None)
+                if queue == EMAIL_QUEUE:
+                    self._enqueue(queue, actor, payload, None)
+                    sent += 1
+                else:
+                    push.setdefault((queue, actor), []).append(payload)
                 EVENTS_ACCEPTED.labels(queue).inc()
+        for (queue, actor), payloads in push.items():
+            for start in range(0, len(payloads), PUSH_EVENTS_PER_MESSAGE):
+                chunk = payloads[start:start + PUSH_EVENTS_PER_MESSAGE]
+                self._enqueue(queue, actor, chunk if len(chunk) > 1 else chunk[0], None)
                 sent += 1
         return sent
 

@@ -67,7 +67,7 @@ def processed(queue: str = "push.shard0") -> float:
 
 
 class Progress:
-    """Waits until `n` more queue messages of `queue` have finished their work."""
+    """Waits until `n` more events of `queue` have finished their work."""
 
     def __init__(self, queue: str = "push.shard0") -> None:
         self.queue = queue
@@ -75,7 +75,7 @@ class Progress:
 
     def wait(self, n: int, timeout: float = 20.0) -> None:
         wait_until(lambda: processed(self.queue) - self.start >= n, timeout=timeout,
-                   what=f"{n} message(s) processed on {self.queue}")
+                   what=f"{n} event(s) processed on {self.queue}")
 
 
 # Fixtures ------------------------------------------------------------------------------
@@ -606,6 +606,114 @@ def test_permanent_failures_are_dead_lettered_without_retry(
     assert devices(h, 7) == {("apns", bad_topic), ("fcm", bad_argument), ("fcm", flaky)}
 
 
+# One request's push events share a queue message ------------------------------------------
+
+
+def _push_messages(h: InProcessHerald, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Records the payload of every message published or retried on a push queue from
+    now on (not a retry's move from the delay queue once it is due)."""
+    payloads: list[Any] = []
+    enqueue = h.broker.enqueue
+
+    def spy(message: Any, **kwargs: Any) -> Any:
+        moved = "retries" in message.options and not kwargs.get("delay")
+        if message.queue_name.startswith("push.") and not moved:
+            payloads.append(message.args[0])
+        return enqueue(message, **kwargs)
+
+    monkeypatch.setattr(h.broker, "enqueue", spy)
+    return payloads
+
+
+def _users_of(payload: Any) -> list[int]:
+    return [e["user_id"] for e in (payload if isinstance(payload, list) else [payload])]
+
+
+def test_a_requests_push_events_share_a_message_and_a_retry_carries_only_the_failed(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import intake.publisher
+
+    monkeypatch.setattr(intake.publisher, "PUSH_EVENTS_PER_MESSAGE", 3)
+    h = direct()
+    tokens = {}
+    for user in (7, 8, 9, 10):
+        add_user(h, user)
+        tokens[user] = apns_token()
+        add_device(h, user, "apns", tokens[user])
+    fake_apns.script(tokens[8], [(503, "ServiceUnavailable", {})] * 2)
+    messages = _push_messages(h, monkeypatch)
+
+    progress = Progress()
+    post(h, *(push_event(user) for user in (7, 8, 9, 10)))
+    progress.wait(4)
+    settle()
+    # Three events to a message, in order; then two retries of user 8's event alone.
+    assert [_users_of(m) for m in messages] == [[7, 8, 9], [10], [8], [8]]
+    assert isinstance(messages[0], list) and isinstance(messages[2], dict)
+    assert [r.status for r in apns_for(fake_apns, tokens[8])] == [503, 503, 200]
+    for user in (7, 9, 10):
+        assert [r.status for r in apns_for(fake_apns, tokens[user])] == [200]
+    assert dead_letters(h) == []
+
+
+def test_events_of_a_shared_message_run_out_of_tries_as_dead_letters_of_their_own(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns,
+) -> None:
+    h = direct(RETRY_MAX_TRIES="3")
+    tokens = {}
+    for user in (7, 8, 9):
+        add_user(h, user)
+        tokens[user] = apns_token()
+        add_device(h, user, "apns", tokens[user])
+    for user in (8, 9):
+        fake_apns.script(tokens[user], [(503, "ServiceUnavailable", {})] * 20)
+    mids = {user: new_id() for user in (7, 8, 9)}
+
+    post(h, *(push_event(user, mids[user]) for user in (7, 8, 9)))
+    wait_until(lambda: len(dead_letters(h)) >= 2, what="two dead letters")
+    settle()
+    letters = dead_letters(h)
+    assert len(letters) == 2
+    assert sorted(letter["user_id"] for letter in letters) == [8, 9]
+    for letter in letters:
+        # Each letter holds its own event, ready to replay alone.
+        [event] = letter["payload"]["args"]
+        assert event["user_id"] == letter["user_id"]
+        assert event["message"]["id"] == mids[letter["user_id"]]
+        assert letter["attempts"] == 3
+        assert "gave up after 3 tries" in letter["reason"]
+        assert len(apns_for(fake_apns, tokens[letter["user_id"]])) == 3
+    assert [r.status for r in apns_for(fake_apns, tokens[7])] == [200]
+
+
+def test_a_refused_event_of_a_shared_message_is_dead_lettered_alone(
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald],
+) -> None:
+    h = start(**bouncer_env(fake_bouncer))
+    _bouncer_user(h, fake_bouncer, 7)
+    _bouncer_user(h, fake_bouncer, 8)
+    mids = {7: new_id(), 8: new_id()}
+
+    fake_bouncer.fail_next(400, msg="Invalid token for this realm")
+    progress = Progress()
+    post(h, push_event(7, mids[7]), push_event(8, mids[8]))
+    progress.wait(1)  # the other event
+    [letter] = wait_until(lambda: dead_letters(h), what="dead letter")
+    settle()
+    notified = fake_bouncer.received("push/notify")
+    [refused] = [r for r in notified if r.status == 400]
+    [accepted] = [r for r in notified if r.status == 200]
+    assert len(notified) == 2  # neither is retried
+    refused_user = int(refused.fields["user_id"])
+    assert {refused_user, int(accepted.fields["user_id"])} == {7, 8}
+    assert letter["reason"] == "Invalid token for this realm"
+    assert letter["attempts"] == 1
+    [event] = letter["payload"]["args"]
+    assert (event["user_id"], event["message"]["id"]) == (refused_user, mids[refused_user])
+
+
 # 8. Sharding ----------------------------------------------------------------------------
 
 
@@ -618,10 +726,11 @@ def test_push_shards_route_each_user_to_its_queue_and_actor(
     handled: list[tuple[int, int]] = []
     original = PushActor.handle
 
-    def recording(self: PushActor, work: Any) -> None:
-        if isinstance(work.event, MessageEvent):
-            handled.append((self.shard, work.event.user_id))
-        original(self, work)
+    def recording(self: PushActor, works: Any) -> None:
+        for work in works:
+            if isinstance(work.event, MessageEvent):
+                handled.append((self.shard, work.event.user_id))
+        original(self, works)
 
     monkeypatch.setattr(PushActor, "handle", recording)
     h = direct(PUSH_SHARDS="3")
@@ -874,12 +983,13 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     faults: list[int] = []
     original = PushActor.handle
 
-    def faulty(self: PushActor, work: Any) -> None:
-        if self.shard == 1 and armed and not faults and isinstance(work.event, MessageEvent):
-            faults.append(work.event.message.id)
+    def faulty(self: PushActor, works: Any) -> None:
+        if self.shard == 1 and armed and not faults and isinstance(works[0].event,
+                                                                    MessageEvent):
+            faults.append(works[0].event.message.id)
             time.sleep(0.3)  # the next push queues up in the mailbox meanwhile
             raise RuntimeError("injected fault")
-        original(self, work)
+        original(self, works)
 
     monkeypatch.setattr(PushActor, "handle", faulty)
 
@@ -891,7 +1001,8 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     post(h, push_event(3, in_flight))
     wait_until(lambda: apns_for(fake_apns, victim), what="first push to reach APNs")
     armed.append(True)
-    post(h, push_event(3, crash_a), push_event(3, crash_b))
+    post(h, push_event(3, crash_a))
+    post(h, push_event(3, crash_b))  # a message of its own, to wait in the mailbox
     wait_until(lambda: faults, what="the injected fault")
     time.sleep(0.4)
     post(h, push_event(3, during))

@@ -27,6 +27,28 @@ class InvalidMessage(Exception):
     """A queue message herald cannot understand; retrying will not help."""
 
 
+class EventsFailed(Exception):
+    """Some events of a message that carries several failed; the rest are done.
+
+    Parameters:
+      failures: (payload, exception) for each failed event, in the message's order.
+
+    The retry middleware retries only these events (in one message, in this order) and
+    dead-letters each one that is permanent or out of tries on its own.
+    """
+
+    def __init__(self, failures: list[tuple[Any, BaseException]]) -> None:
+        super().__init__(f"{len(failures)} event(s) failed: "
+                         + "; ".join(sorted({_reason(exc) for _, exc in failures})))
+        self.failures = failures
+
+
+def event_count(message: MessageProxy) -> int:
+    """Events a queue message carries: a list payload holds several, else one."""
+    payload = message.args[0] if message.args else None
+    return len(payload) if isinstance(payload, list) else 1
+
+
 class RetryWithBackoff(Middleware):
     """Decides what happens to a queue message whose work raised.
 
@@ -39,6 +61,9 @@ class RetryWithBackoff(Middleware):
     anything else → retry after `compute_backoff` (jittered, at least the error's
     `retry_after`), until `max_tries`, then dead letter. The retry is enqueued before
     the original is acked, so a crash in between repeats work rather than losing it.
+    `EventsFailed` applies the same rules to each failed event of a message carrying
+    several: one retry message holds those to retry, and each event given up on is a
+    dead letter of its own.
     """
 
     def __init__(self, *, min_backoff_ms: int, max_backoff_ms: int, max_tries: int) -> None:
@@ -56,34 +81,70 @@ class RetryWithBackoff(Middleware):
     ) -> None:
         if exception is None:
             return
+        if isinstance(exception, EventsFailed):
+            self._split(broker, message, exception)
+            return
         queue = q_name(message.queue_name)
         tries = int(message.options.get("retries", 0)) + 1
         reason = _reason(exception)
-        permanent = isinstance(exception, PermanentDeliveryError | InvalidMessage)
-        if permanent or tries >= self.max_tries:
-            why = reason if permanent else f"gave up after {tries} tries: {reason}"
-            self._dead_letter(message, queue, why, tries)
+        if _permanent(exception) or tries >= self.max_tries:
+            why = reason if _permanent(exception) else f"gave up after {tries} tries: {reason}"
+            self._dead_letter(message, list(message.args), queue, why, tries,
+                              event_count(message))
+            message.fail()  # the broker's dead queue (.XQ) keeps a copy too
             return
+        self._retry(broker, message, message, queue, tries, reason,
+                    getattr(exception, "retry_after", None), event_count(message))
+
+    def _split(self, broker: dramatiq.Broker, message: MessageProxy,
+               failed: EventsFailed) -> None:
+        """Retry the failed events of a multi-event message together; dead-letter, one
+        by one, those that are permanent or out of tries. The message itself is acked:
+        every event is now done, in the retry, or a dead letter."""
+        queue = q_name(message.queue_name)
+        tries = int(message.options.get("retries", 0)) + 1
+        retry = []
+        stored = True
+        for payload, exc in failed.failures:
+            if not _permanent(exc) and tries < self.max_tries:
+                retry.append((payload, exc))
+                continue
+            why = _reason(exc) if _permanent(exc) else \
+                f"gave up after {tries} tries: {_reason(exc)}"
+            stored = self._dead_letter(message, [payload], queue, why, tries, 1) and stored
+        if retry:
+            payloads = [p for p, _ in retry]
+            floors = [float(getattr(e, "retry_after", 0) or 0) for _, e in retry]
+            again = message.copy(args=(payloads if len(payloads) > 1 else payloads[0],))
+            self._retry(broker, message, again, queue, tries,
+                        "; ".join(sorted({_reason(e) for _, e in retry})),
+                        max(floors) or None, len(payloads))
+        if not stored:
+            # Some dead letter could not be written: nack the whole message so the
+            # broker's dead queue (.XQ) keeps it; the retried events may repeat, harmlessly.
+            message.fail()
+
+    def _retry(self, broker: dramatiq.Broker, message: MessageProxy, again: Any, queue: str,
+               tries: int, reason: str, retry_after: float | None, events: int) -> None:
         _, delay = compute_backoff(
             tries - 1, factor=self.min_backoff_ms, max_backoff=self.max_backoff_ms
         )
-        retry_after = getattr(exception, "retry_after", None)
         if retry_after:
             delay = max(delay, int(float(retry_after) * 1000))
-        message.options["retries"] = tries
-        message.options["last_error"] = reason[:500]
-        logger.info("retrying %s on %s in %d ms (try %d): %s", message.message_id, queue, delay,
-                    tries + 1, reason[:200])
-        EVENTS_RETRIED.labels(queue).inc()
-        broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
+        again.options["retries"] = tries
+        again.options["last_error"] = reason[:500]
+        logger.info("retrying %s (%d event(s)) on %s in %d ms (try %d): %s",
+                    message.message_id, events, queue, delay, tries + 1, reason[:200])
+        EVENTS_RETRIED.labels(queue).inc(events)
+        broker.enqueue(again, delay=delay)
 
-    def _dead_letter(
-        self, message: MessageProxy, queue: str, reason: str, tries: int
-    ) -> None:
-        EVENTS_FAILED.labels(queue).inc()
-        payload = {"queue": queue, "actor": message.actor_name, "args": list(message.args),
+    def _dead_letter(self, message: MessageProxy, args: list[Any], queue: str, reason: str,
+                     tries: int, events: int) -> bool:
+        """Store a dead letter for `args` of `message`; False if the database refused."""
+        EVENTS_FAILED.labels(queue).inc(events)
+        payload = {"queue": queue, "actor": message.actor_name, "args": args,
                    "kwargs": dict(message.kwargs)}
-        event = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
+        event = args[0] if args and isinstance(args[0], dict) else {}
         user_id = event.get("user_id") if isinstance(event.get("user_id"), int) else None
         try:
             dead_letters.record(
@@ -95,10 +156,13 @@ class RetryWithBackoff(Middleware):
                 user_id=user_id,
             )
         except Exception:
-            # The database is unreachable: the broker's own dead-letter queue (.XQ)
-            # still holds the message, so it is not lost.
             logger.exception("could not store dead letter for %s", message.message_id)
-        message.fail()
+            return False
+        return True
+
+
+def _permanent(exception: BaseException) -> bool:
+    return isinstance(exception, PermanentDeliveryError | InvalidMessage)
 
 
 def _reason(exception: BaseException) -> str:
