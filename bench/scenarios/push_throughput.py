@@ -9,13 +9,16 @@ from typing import Any
 from bench import common, pushrig
 from bench.common import fmt_rate, goal, say, table
 from bench.scenarios import baseline
+from intake.publisher import PUSH_EVENTS_PER_MESSAGE
 
 NAME = "push-throughput"
 SUMMARY = "push events → FakeApns (separate process, HTTP/2+TLS): pushes/s, ratio to baseline"
 DESCRIPTION = """\
 N users, each with one APNs device (bulk-inserted). N push events (one per user) are
-queued through HeraldAPI.submit_events in batches (the POST /v1/events path without
-HTTP; on RabbitMQ with publisher confirms), then the worker starts: in this process
+queued through HeraldAPI.submit_events in batches of --batch (the POST /v1/events path
+without HTTP; on RabbitMQ with publisher confirms), so one queue message carries
+min(--batch, intake.publisher.PUSH_EVENTS_PER_MESSAGE) events; --batch 1 measures one
+event per message. Then the worker starts: in this process
 (ActorTree + dramatiq.Worker, as tests.harness.InProcessHerald wires them) or as
 --workers `python supervisor.py worker` processes with APNS_* settings. Pushes go
 out through herald's real aioapns client to tests.fakes.apns.FakeApns running in
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = finished_wall - started_wall
     figures = {
         "events": n, "accepted": ok, "requests": len(log), "delay_ms": args.delay_ms,
+        "events_per_message": min(args.batch, PUSH_EVENTS_PER_MESSAGE),
         "shards": args.shards, "workers": args.workers or "in-process",
         "worker_threads": args.worker_threads,
         "publish_path": "ingest.api.HeraldAPI.submit_events (no HTTP)",
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = f"{args.workers} process(es)" if args.workers else "in-process"
     say(f"push-throughput ({args.backend}, worker {workers}, {args.worker_threads} threads, "
         f"{args.shards} shard(s), fake delay {args.delay_ms:g} ms); events via "
-        f"{figures['publish_path']}")
+        f"{figures['publish_path']}, {figures['events_per_message']} per queue message")
     say(table([
         ("pushes accepted", f"{ok:,} of {n:,} ({len(log):,} requests)"),
         ("publish (submit_events)", fmt_rate(figures["publish_rate"])),
