@@ -9,6 +9,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import ShutdownNotifications
 
+from intake.logs import redact_dramatiq_logs
 from intake.middleware import IntakeMetrics, RetryWithBackoff
 from settings import Settings
 
@@ -23,6 +24,7 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     queues (`<queue>.XQ`). In-process: Dramatiq's stub broker, consumed by a worker
     in the same process; a 202 then means "queued in memory".
     """
+    redact_dramatiq_logs()
     middleware = [
         ShutdownNotifications(),
         IntakeMetrics(),

@@ -533,6 +533,28 @@ def test_transient_failures_resend_only_to_the_failing_device(
     assert dead_letters(h) == []
 
 
+def test_a_failed_push_is_logged_without_its_content_or_tokens(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = direct()
+    add_user(h, 7)
+    apple = apns_token()
+    add_device(h, 7, "apns", apple)
+    fake_apns.script(apple, [(503, "ServiceUnavailable", {})])
+
+    progress = Progress()
+    post(h, push_event(7, content="<p>the launch codes</p>", sender="Mallory"))
+    progress.wait(1)
+    assert [r.status for r in apns_for(fake_apns, apple)] == [503, 200]
+    failed = [r.getMessage() for r in caplog.records if "Failed to process message" in
+              r.getMessage()]
+    assert failed and all("push_shard0#" in line for line in failed), failed
+    assert "launch codes" not in caplog.text
+    assert "Mallory" not in caplog.text
+    assert apple not in caplog.text
+
+
 def test_retry_after_is_a_floor(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
