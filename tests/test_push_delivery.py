@@ -647,6 +647,16 @@ def _push_messages(h: InProcessHerald, monkeypatch: pytest.MonkeyPatch) -> list[
     return payloads
 
 
+def _users_with_an_apns_device(h: InProcessHerald, users: tuple[int, ...]) -> dict[int, str]:
+    """Adds `users`, each with one APNs device; returns {user: token}."""
+    tokens = {}
+    for user in users:
+        add_user(h, user)
+        tokens[user] = apns_token()
+        add_device(h, user, "apns", tokens[user])
+    return tokens
+
+
 def _users_of(payload: Any) -> list[int]:
     return [e["user_id"] for e in (payload if isinstance(payload, list) else [payload])]
 
@@ -659,11 +669,7 @@ def test_a_requests_push_events_share_a_message_and_a_retry_carries_only_the_fai
 
     monkeypatch.setattr(intake.publisher, "PUSH_EVENTS_PER_MESSAGE", 3)
     h = direct()
-    tokens = {}
-    for user in (7, 8, 9, 10):
-        add_user(h, user)
-        tokens[user] = apns_token()
-        add_device(h, user, "apns", tokens[user])
+    tokens = _users_with_an_apns_device(h, (7, 8, 9, 10))
     fake_apns.script(tokens[8], [(503, "ServiceUnavailable", {})] * 2)
     messages = _push_messages(h, monkeypatch)
 
@@ -684,11 +690,7 @@ def test_events_of_a_shared_message_run_out_of_tries_as_dead_letters_of_their_ow
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns,
 ) -> None:
     h = direct(RETRY_MAX_TRIES="3")
-    tokens = {}
-    for user in (7, 8, 9):
-        add_user(h, user)
-        tokens[user] = apns_token()
-        add_device(h, user, "apns", tokens[user])
+    tokens = _users_with_an_apns_device(h, (7, 8, 9))
     for user in (8, 9):
         fake_apns.script(tokens[user], [(503, "ServiceUnavailable", {})] * 20)
     mids = {user: new_id() for user in (7, 8, 9)}
