@@ -22,7 +22,16 @@ from actors import _sql as sql
 from delivery.outcomes import Outcome, SendResult
 from events import MessageEvent
 from intake import dead_letters
-from models import Message, PushDevice, PushReceipt, User, UserMessage, db, in_thread_connection
+from models import (
+    Message,
+    PushDevice,
+    PushReceipt,
+    User,
+    UserMessage,
+    db,
+    in_thread_connection,
+    is_postgres,
+)
 from rendering.push import Recipient
 
 logger = logging.getLogger("herald.push")
@@ -96,8 +105,11 @@ def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
 
     None for an event means no push: unknown user, bot, push off, message read or
     deleted already, or every device has accepted it (a retry after a full success).
-    Set-based, so a group costs a handful of statements whatever its size.
+    Set-based, so a group costs a handful of statements whatever its size; on
+    PostgreSQL, one.
     """
+    if is_postgres():
+        return _plan_pushes_in_one_statement(events)
     now = time.time()
     users = {
         row[0]: row for row in sql.rows(
@@ -157,6 +169,73 @@ def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
             user[0], user[1], Recipient(user[0], user[2], user[3], user[4], user[5]), todo
         ) if todo else None
     return [plans.get(id(e)) for e in events]
+
+
+# `plan_pushes` on PostgreSQL as one statement (atomic on its own). A push waits for
+# its plan, and on a busy machine each round trip to the server costs milliseconds
+# of waiting for a core; the step-by-step version takes ten, with BEGIN and COMMIT.
+# Same rules: the snapshot is kept (a `deleted` mark that came first stays), a flags
+# row per (user, message), the push marked active unless read or deleted, and
+# devices that already have a receipt skipped.
+_PLAN_PUSHES_PG = f"""
+WITH ev AS (
+    SELECT DISTINCT ON (user_id, message_id) user_id, message_id, data
+    FROM unnest(%(users)s::bigint[], %(messages)s::bigint[], %(data)s::text[])
+        AS e(user_id, message_id, data)
+), eligible AS (
+    SELECT id, uuid, email, full_name, realm_name, realm_url FROM {_USER}
+    WHERE id IN (SELECT user_id FROM ev) AND is_bot = FALSE
+        AND enable_offline_push_notifications = TRUE
+), snapshot AS (
+    INSERT INTO {_MESSAGE} (id, data, deleted, created_at)
+    SELECT DISTINCT ON (message_id) message_id, data, FALSE, %(now)s FROM ev
+    WHERE user_id IN (SELECT id FROM eligible)
+    ORDER BY message_id
+    ON CONFLICT (id) DO UPDATE SET data = excluded.data
+    RETURNING id, deleted
+), flags AS (
+    INSERT INTO {_USER_MESSAGE} AS um (user_id, message_id, read, active_push)
+    SELECT ev.user_id, ev.message_id, FALSE, NOT snapshot.deleted
+    FROM ev JOIN snapshot ON snapshot.id = ev.message_id
+    WHERE ev.user_id IN (SELECT id FROM eligible)
+    ORDER BY ev.user_id, ev.message_id
+    ON CONFLICT (user_id, message_id) DO UPDATE SET active_push = TRUE
+        WHERE NOT um.read AND excluded.active_push
+    RETURNING user_id, message_id, active_push
+)
+SELECT flags.user_id, flags.message_id, eligible.uuid, eligible.email, eligible.full_name,
+    eligible.realm_name, eligible.realm_url, device.id, device.kind, device.token,
+    device.ios_app_id
+FROM flags
+JOIN eligible ON eligible.id = flags.user_id
+JOIN {_DEVICE} AS device ON device.user_id = flags.user_id
+WHERE flags.active_push AND NOT EXISTS (
+    SELECT 1 FROM {_RECEIPT} AS receipt
+    WHERE receipt.user_id = flags.user_id AND receipt.message_id = flags.message_id
+        AND receipt.device_id = device.id AND receipt.event = '{EVENT_MESSAGE}'
+)
+ORDER BY device.id
+"""
+
+
+def _plan_pushes_in_one_statement(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
+    snapshots = {e.message.id: e.message.model_dump_json() for e in events}
+    found = sql.rows(_PLAN_PUSHES_PG, {
+        "users": [e.user_id for e in events],
+        "messages": [e.message.id for e in events],
+        "data": [snapshots[e.message.id] for e in events],
+        "now": time.time(),
+    })
+    plans: dict[tuple[int, int], PushPlan] = {}
+    for (uid, mid, uuid, email, full_name, realm_name, realm_url,
+         device_id, kind, token, app) in found:
+        plan = plans.get((uid, mid))
+        if plan is None:
+            plan = plans[(uid, mid)] = PushPlan(
+                uid, uuid, Recipient(uid, email, full_name, realm_name, realm_url), []
+            )
+        plan.devices.append(Device(device_id, kind, token, app))
+    return [plans.get((e.user_id, e.message.id)) for e in events]
 
 
 def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> RemovePlan | None:
@@ -240,12 +319,13 @@ def record_results(settled: Sequence[Settled]) -> None:
             dead_devices.add(device.id)
         if result.outcome is Outcome.PERMANENT:
             failures.append((user_id, message_id, event, device, result))
+    if not dead_devices and not failures:
+        # Receipts alone need no transaction (each insert is idempotent), and without
+        # BEGIN and COMMIT the usual case is one round trip.
+        _insert_receipts(receipts)
+        return
     with db.atomic():
-        sql.insert(
-            f"INSERT INTO {_RECEIPT} (user_id, message_id, device_id, event, created_at)",
-            sorted(set(receipts)),
-            "ON CONFLICT (user_id, message_id, device_id, event) DO NOTHING",
-        )
+        _insert_receipts(receipts)
         if dead_devices:
             sql.execute(f"DELETE FROM {_DEVICE} WHERE {sql.any_of('id')}",
                         [sql.ids(sorted(dead_devices))])
@@ -258,6 +338,14 @@ def record_results(settled: Sequence[Settled]) -> None:
                 user_id=user_id,
                 attempts=1,
             )
+
+
+def _insert_receipts(receipts: list[tuple[int, int, int, str, float]]) -> None:
+    sql.insert(
+        f"INSERT INTO {_RECEIPT} (user_id, message_id, device_id, event, created_at)",
+        sorted(set(receipts)),
+        "ON CONFLICT (user_id, message_id, device_id, event) DO NOTHING",
+    )
 
 
 def message_payload(message_id: int) -> dict[str, Any] | None:

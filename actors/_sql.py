@@ -13,7 +13,7 @@ Functions run on the calling thread's connection, inside the caller's transactio
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import peewee as pw
@@ -50,7 +50,7 @@ def texts(values: Iterable[str]) -> Any:
     return values if is_postgres() else json.dumps(values)
 
 
-def rows(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+def rows(sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple[Any, ...]]:
     cursor = db.execute_sql(sql, params)
     return list(cursor.fetchall())
 
