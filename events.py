@@ -15,6 +15,9 @@ from settings import MAX_BATCHING_PERIOD_SECONDS
 
 # Ids are positive and fit in a signed 64-bit column.
 Id = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]
+# The last second an email can show as a date (23:59:59 UTC on 31 Dec 9999, the end
+# of Python's calendar); a later `date_sent` could be queued but never rendered.
+LAST_SHOWABLE_SECOND = 253_402_300_799
 # A message's id list, as `read` and `message_deleted` carry it.
 IdList = Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 
@@ -57,7 +60,7 @@ class Message(_Strict):
     topic: str | None = Field(None, max_length=200)
     pm_users: list[Participant] | None = Field(None, max_length=1000)
     content_html: str = Field(max_length=200_000)
-    date_sent: int = Field(ge=0, le=2**40)
+    date_sent: int = Field(ge=0, le=LAST_SHOWABLE_SECOND)
 
     @field_validator("stream", "topic")
     @classmethod

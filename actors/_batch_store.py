@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import peewee as pw
+from pydantic import ValidationError
 
 from actors import _sql as sql
 from events import Message as MessageData
 from events import MessageEvent
+from intake import dead_letters
 from models import (
     Message,
     User,
@@ -247,25 +249,53 @@ def claim_batches(
         f"AND {sql.any_of('message_id')} AND read = TRUE", [claimed_users, message_ids],
     ))
     messages: dict[int, MessageData] = {}
+    unreadable: dict[int, str] = {}
     for mid, data, deleted in sql.rows(
         f"SELECT id, data, deleted FROM {_MESSAGE} WHERE {sql.any_of('id')}", [message_ids],
     ):
-        if not deleted and data != "{}":
+        if deleted or data == "{}":
+            continue
+        try:
             messages[mid] = MessageData.model_validate_json(data)
+        except ValidationError as exc:
+            # Written by another version, or by hand: one such snapshot must not stop
+            # the whole group's emails, nor come back every lease. Its rows go to the
+            # dead letters below.
+            unreadable[mid] = _first_error(exc)
     batches: dict[int, Batch] = {}
     gone: list[int] = []
+    dead: list[tuple[int, list[ClaimedRow]]] = []
     for user_id, claimed in by_user.items():
         kept = [r for r in claimed
                 if r.message_id in messages and (user_id, r.message_id) not in read]
         kept_ids = {r.id for r in kept}
         gone.extend(r.id for r in claimed if r.id not in kept_ids)
+        bad = [r for r in claimed
+               if r.message_id in unreadable and (user_id, r.message_id) not in read]
+        if bad:
+            dead.append((user_id, bad))
         batches[user_id] = Batch(
             claim_id_for(group_id, user_id), profiles.get(user_id), kept,
             {r.message_id: messages[r.message_id] for r in kept},
         )
     if gone:
-        sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('id')}", [sql.ids(gone)])
+        with db.atomic():
+            for user_id, bad in dead:
+                dead_letters.record(
+                    kind=dead_letters.KIND_EMAIL_BATCH,
+                    reason="; ".join(f"message {r.message_id}: stored snapshot cannot be "
+                                     f"read: {unreadable[r.message_id]}" for r in bad),
+                    payload={"user_id": user_id, "rows": rows_as_payload(bad)},
+                    attempts=1, user_id=user_id,
+                )
+            sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('id')}", [sql.ids(gone)])
     return batches, wakeups
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
 def settle(

@@ -427,6 +427,35 @@ def test_smtp_failures_retry_then_send_once_or_dead_letter(
         assert pending(h, uid) == {}
 
 
+def test_a_stored_message_that_cannot_be_read_is_dead_lettered_alone(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    import models
+
+    h = start()
+    for uid in (7, 8):
+        h.put_user(uid, email_batching_period_seconds=2)
+    unreadable, fine, other = event(7), event(7), event(8)
+    post(h, unreadable, fine, other)
+    wait_pending(h, 7, [mid(unreadable), mid(fine)])
+    # As a snapshot from another version could look: not the message format at all.
+    h.db(lambda: models.Message.update(data='{"id": 1, "from": "elsewhere"}')
+         .where(models.Message.id == mid(unreadable)).execute())
+
+    [to_7] = smtp.wait_for(1, to=addr(7), timeout=15)
+    [to_8] = smtp.wait_for(1, to=addr(8), timeout=15)
+    assert to_7.message_ids == [mid(fine)]
+    assert to_8.message_ids == [mid(other)]
+    wait_until(lambda: dead_letters(h), timeout=10, what="a dead letter")
+    time.sleep(QUIET_SECONDS)
+    [letter] = dead_letters(h)
+    assert (letter.kind, letter.user_id) == ("email_batch", 7)
+    assert f"message {mid(unreadable)}: stored snapshot cannot be read" in letter.reason
+    assert str(mid(unreadable)) in letter.payload and str(mid(fine)) not in letter.payload
+    assert pending(h, 7) == {} and pending(h, 8) == {}
+    assert len(smtp.emails()) == 2
+
+
 # 8. Flush now -------------------------------------------------------------------------
 
 

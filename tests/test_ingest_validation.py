@@ -118,6 +118,9 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str | None]] =
      "message.id"),
     ("date_sent wrong type", "POST", "/v1/events", _message_with(date_sent="yesterday"), None,
      422, "message.date_sent"),
+    # An email could never show it as a date (after 9999): refused, not queued.
+    ("date_sent past year 9999", "POST", "/v1/events",
+     _message_with(date_sent=253_402_300_800), None, 422, "message.date_sent"),
     ("stream message without topic", "POST", "/v1/events", _message_with(topic=None), None,
      422, "message.topic"),
     ("bad recipient type", "POST", "/v1/events", _message_with(recipient_type="huddle"), None,
