@@ -1,8 +1,8 @@
 """Plain text from a chat message's rendered HTML, for push bodies and text emails.
 
-`html_to_text` walks the HTML with a real parser (BeautifulSoup on Python's
-``html.parser``) and keeps what a reader needs on a lock screen or in a text-only mail
-client:
+`html_to_text` parses the HTML with a real parser (libxml2's, through lxml) and walks
+the tree without recursion, so no nesting depth can exhaust the stack. It keeps what a
+reader needs on a lock screen or in a text-only mail client:
 
 - user and group mentions, links and inline code as their text;
 - emoji as their name (``:smile:``): the ``alt`` of an emoji image, the text or
@@ -17,8 +17,10 @@ client:
 - nothing at all from ``<script>``, ``<style>`` and similar non-content elements.
 
 Runs of whitespace outside code blocks collapse to one space, and empty lines are
-dropped. `truncate` then cuts the text the way the push contract says: at 200
-characters followed by ``…``.
+dropped. Like a browser, the parser repairs broken markup and reads NUL as U+FFFD.
+It stops reading at nesting 256 elements deep (no chat message comes near that), and
+the rest of such a message is left out. `truncate` then cuts the text the way the push
+contract says: at 200 characters followed by ``…``.
 """
 
 from __future__ import annotations
@@ -26,17 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from bs4 import BeautifulSoup
-from bs4.element import (
-    CData,
-    Comment,
-    Declaration,
-    Doctype,
-    NavigableString,
-    PageElement,
-    ProcessingInstruction,
-    Tag,
-)
+from lxml import etree
 
 # The contract's push body limit: "cut at 200 characters + …".
 PUSH_TEXT_LIMIT = 200
@@ -60,28 +52,25 @@ _BLOCK_TAGS = frozenset(
 )  # fmt: skip
 # Table cells stay on their row's line, separated by this.
 _CELL_SEPARATOR = " | "
-# Non-element nodes that carry no visible text.
-_INVISIBLE_STRINGS = (Comment, CData, Declaration, Doctype, ProcessingInstruction)
+_CELL_TAGS = frozenset({"td", "th"})
 # Only ASCII whitespace collapses; a no-break space is deliberate.
 _WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
 # Indentation per nesting level of a list.
 _LIST_INDENT = "  "
+# Comments and processing instructions never reach the tree. The text goes in as
+# UTF-8 bytes with the encoding stated, so a <meta charset> inside a message cannot
+# make the parser read it as something else.
+_PARSER = etree.HTMLParser(
+    encoding="utf-8", remove_comments=True, remove_pis=True, no_network=True
+)
 
-
-def _classes(tag: Tag) -> list[str]:
-    value = tag.get("class")
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return value.split()
-    return [str(c) for c in value]
-
-
-def _attr(tag: Tag, name: str) -> str:
-    value = tag.get(name)
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else " ".join(value)
+# What an element's end does with what its start opened (see `_Walk`).
+_END_BLOCK = "block"  # end the current line
+_END_QUOTE = "quote"  # a block quote's lines, each after "> "
+_END_LIST = "list"  # a list's lines
+_END_ITEM = "item"  # a list item's lines, handed to its list for a marker
+_END_IN_LIST = "in-list"  # lines of other content directly inside a list
+_END_LONE_ITEM = "lone-item"  # an item outside any list: "- " before each line
 
 
 class _Lines:
@@ -95,6 +84,8 @@ class _Lines:
         self._inline.append(value)
 
     def end_line(self) -> None:
+        if not self._inline:
+            return
         line = _WHITESPACE.sub(" ", "".join(self._inline)).strip()
         self._inline = []
         if line:
@@ -109,13 +100,64 @@ class _Lines:
         return self.lines
 
 
-def _emoji_text(tag: Tag) -> str:
-    if tag.name == "img":
-        return _attr(tag, "alt") or _colon_name(_attr(tag, "title"))
-    text = tag.get_text()
+class _List(_Lines):
+    """A ``<ul>``/``<ol>``'s lines: one per item, numbered from ``start`` when ordered."""
+
+    def __init__(self, element: etree._Element) -> None:
+        super().__init__()
+        self.ordered = element.tag == "ol"
+        start = _attr(element, "start")
+        self.number = int(start) if start.lstrip("-").isdigit() else 1
+
+    def text(self, value: str) -> None:
+        # Stray text directly inside a list still counts as content: a line of its own.
+        line = _WHITESPACE.sub(" ", value).strip()
+        if line:
+            self.lines.append(line)
+
+    def add_item(self, item: list[str]) -> None:
+        marker = f"{self.number}. " if self.ordered else "- "
+        self.number += 1
+        item = item or [""]
+        self.lines.append(marker + item[0])
+        # Continuation lines (wrapped paragraphs, nested lists) sit under the text.
+        self.lines.extend(_LIST_INDENT + line for line in item[1:])
+
+
+def _attr(element: etree._Element, name: str) -> str:
+    return element.get(name) or ""
+
+
+def _classes(element: etree._Element) -> list[str]:
+    return _attr(element, "class").split()
+
+
+def _text_of(element: etree._Element) -> str:
+    """All text inside `element`, but none from elements that are never content."""
+    parts: list[str] = []
+    walker = etree.iterwalk(element, events=("start", "end"))
+    for event, inner in walker:
+        if event == "start":
+            if inner is not element and _skipped(inner):
+                walker.skip_subtree()
+            elif inner.text:
+                parts.append(inner.text)
+        elif inner is not element and inner.tail:
+            parts.append(inner.tail)
+    return "".join(parts)
+
+
+def _skipped(element: etree._Element) -> bool:
+    return not isinstance(element.tag, str) or element.tag in _SKIPPED_TAGS
+
+
+def _emoji_text(element: etree._Element) -> str:
+    if element.tag == "img":
+        return _attr(element, "alt") or _colon_name(_attr(element, "title"))
+    text = _text_of(element)
     if text.strip():
         return text
-    return _colon_name(_attr(tag, "title") or _attr(tag, "aria-label"))
+    return _colon_name(_attr(element, "title") or _attr(element, "aria-label"))
 
 
 def _colon_name(name: str) -> str:
@@ -127,108 +169,126 @@ def _colon_name(name: str) -> str:
     return ":" + name.replace(" ", "_") + ":"
 
 
-def _render_children(tag: Tag, out: _Lines) -> None:
-    for child in tag.children:
-        _render(child, out)
+def _katex_source(element: etree._Element) -> str | None:
+    for annotation in element.iter("annotation"):
+        if annotation.get("encoding") == "application/x-tex":
+            return "$$" + _text_of(annotation).strip() + "$$"
+    return None
 
 
-def _render_sub(tag: Tag) -> list[str]:
-    sub = _Lines()
-    _render_children(tag, sub)
-    return sub.finish()
+def _spoiler_title(element: etree._Element) -> str:
+    for descendant in element.iterdescendants():
+        if "spoiler-header" in _classes(descendant):
+            return " ".join(_Walk(descendant).lines())
+    return ""
 
 
-def _render_list(tag: Tag, out: _Lines) -> None:
-    ordered = tag.name == "ol"
-    start = _attr(tag, "start")
-    number = int(start) if start.lstrip("-").isdigit() else 1
-    lines: list[str] = []
-    for child in tag.children:
-        if isinstance(child, Tag) and child.name == "li":
-            marker = f"{number}. " if ordered else "- "
-            number += 1
-            item = _render_sub(child) or [""]
-            lines.append(marker + item[0])
-            # Continuation lines (wrapped paragraphs, nested lists) sit under the text.
-            lines.extend(_LIST_INDENT + line for line in item[1:])
-        elif isinstance(child, Tag):
-            # Stray content directly inside a list still counts as content.
-            lines.extend(_render_sub(child))
-        elif (
-            isinstance(child, NavigableString)
-            and not isinstance(child, _INVISIBLE_STRINGS)
-            and child.strip()
-        ):
-            lines.append(_WHITESPACE.sub(" ", str(child)).strip())
-    out.add_lines(lines)
+class _Walk:
+    """Renders one element's content to lines, walking its tree without recursion.
 
+    Parameters:
+      root: the element whose content (not the element itself, nor its tail) is wanted.
 
-def _render_katex(tag: Tag, out: _Lines) -> None:
-    annotation = tag.find("annotation", attrs={"encoding": "application/x-tex"})
-    if isinstance(annotation, Tag):
-        out.text("$$" + annotation.get_text().strip() + "$$")
-    else:
-        _render_children(tag, out)
+    `frames` holds the output being built: nested blocks that are rendered apart (a
+    quote, a list, an item) push a frame and pop it when they end. `ends` holds, per
+    open element, what its end must do, innermost last.
+    """
 
+    def __init__(self, root: etree._Element) -> None:
+        self.root = root
+        self.frames: list[_Lines] = [_Lines()]
+        self.ends: list[list[str]] = []
 
-def _render_spoiler(tag: Tag, out: _Lines) -> None:
-    header = tag.find(class_="spoiler-header")
-    title = " ".join(_render_sub(header)) if isinstance(header, Tag) else ""
-    out.add_lines([f"{title} {SPOILER_MARKER}".strip()])
+    def lines(self) -> list[str]:
+        walker = etree.iterwalk(self.root, events=("start", "end"))
+        for event, element in walker:
+            if element is self.root:
+                if event == "start" and element.text:
+                    self.frames[-1].text(element.text)
+            elif event == "start":
+                ends: list[str] = []
+                self.ends.append(ends)
+                if self._start(element, ends):
+                    walker.skip_subtree()
+            else:
+                for end in reversed(self.ends.pop()):
+                    self._end(end)
+                if element.tail:
+                    self.frames[-1].text(element.tail)
+        return self.frames[0].finish()
 
+    def _push(self, frame: _Lines, ends: list[str], end: str) -> None:
+        self.frames.append(frame)
+        ends.append(end)
 
-def _render(node: PageElement, out: _Lines) -> None:
-    if isinstance(node, NavigableString):
-        if not isinstance(node, _INVISIBLE_STRINGS):
-            out.text(str(node))
-        return
-    if not isinstance(node, Tag):
-        return
-    name = node.name
-    classes = _classes(node)
-    if name in _SKIPPED_TAGS:
-        return
-    if "emoji" in classes:
-        out.text(_emoji_text(node))
-        return
-    if "katex" in classes or "katex-display" in classes:
-        _render_katex(node, out)
-        return
-    if "spoiler-block" in classes:
-        _render_spoiler(node, out)
-        return
-    if name == "img":
-        out.text(_attr(node, "alt"))
-        return
-    if name == "br":
-        out.end_line()
-        return
-    if name == "pre":
-        code = node.get_text().strip("\n")
-        out.add_lines(line.rstrip() for line in code.split("\n"))
-        return
-    if name == "blockquote":
-        quoted = _render_sub(node)
-        out.add_lines(f"> {line}" if line else ">" for line in quoted)
-        return
-    if name in ("ul", "ol"):
-        _render_list(node, out)
-        return
-    if name in ("td", "th"):
-        out.text(_CELL_SEPARATOR if node.find_previous_sibling(["td", "th"]) else "")
-        _render_children(node, out)
-        return
-    if name == "li":
-        # An item outside any list: still one line of its own.
-        out.add_lines(f"- {line}" for line in _render_sub(node))
-        return
-    if name in _BLOCK_TAGS:
-        out.end_line()
-        _render_children(node, out)
-        out.end_line()
-        return
-    # Inline elements (a, span, code, strong, mentions, time, ...): their text.
-    _render_children(node, out)
+    def _start(self, element: etree._Element, ends: list[str]) -> bool:
+        """Handle an element's start; True when its content is done with (skip it)."""
+        if _skipped(element):
+            return True
+        name = element.tag
+        out = self.frames[-1]
+        if isinstance(out, _List):
+            # A list's own children render apart: items get their marker at the end.
+            if name == "li":
+                self._push(_Lines(), ends, _END_ITEM)
+                out = self.frames[-1]
+                if element.text:
+                    out.text(element.text)
+                return False
+            self._push(_Lines(), ends, _END_IN_LIST)
+            out = self.frames[-1]
+        classes = _classes(element)
+        if "emoji" in classes:
+            out.text(_emoji_text(element))
+            return True
+        if "katex" in classes or "katex-display" in classes:
+            source = _katex_source(element)
+            if source is not None:
+                out.text(source)
+                return True
+        elif "spoiler-block" in classes:
+            out.add_lines([f"{_spoiler_title(element)} {SPOILER_MARKER}".strip()])
+            return True
+        if name == "img":
+            out.text(_attr(element, "alt"))
+            return True
+        if name == "br":
+            out.end_line()
+            return True
+        if name == "pre":
+            code = _text_of(element).strip("\n")
+            out.add_lines(line.rstrip() for line in code.split("\n"))
+            return True
+        if name == "blockquote":
+            self._push(_Lines(), ends, _END_QUOTE)
+        elif name in ("ul", "ol"):
+            self._push(_List(element), ends, _END_LIST)
+        elif name == "li":
+            self._push(_Lines(), ends, _END_LONE_ITEM)
+        elif name in _CELL_TAGS:
+            if any(s.tag in _CELL_TAGS for s in element.itersiblings(preceding=True)):
+                out.text(_CELL_SEPARATOR)
+        elif name in _BLOCK_TAGS:
+            out.end_line()
+            ends.append(_END_BLOCK)
+        if element.text:
+            self.frames[-1].text(element.text)
+        return False
+
+    def _end(self, end: str) -> None:
+        if end == _END_BLOCK:
+            self.frames[-1].end_line()
+            return
+        lines = self.frames.pop().finish()
+        out = self.frames[-1]
+        if end == _END_QUOTE:
+            out.add_lines(f"> {line}" if line else ">" for line in lines)
+        elif end == _END_LONE_ITEM:
+            out.add_lines(f"- {line}" for line in lines)
+        elif end == _END_ITEM and isinstance(out, _List):
+            out.add_item(lines)
+        else:
+            out.add_lines(lines)
 
 
 def html_to_text(html: str) -> str:
@@ -237,10 +297,14 @@ def html_to_text(html: str) -> str:
     Parameters:
       html: the message's rendered HTML, possibly hostile; never executed.
     """
-    soup = BeautifulSoup(html, "html.parser")
-    out = _Lines()
-    _render_children(soup, out)
-    return "\n".join(out.finish()).strip()
+    # Lone surrogates (valid in a JSON string, not in UTF-8) become "?".
+    data = html.encode("utf-8", "replace")
+    if not data.strip():
+        return ""
+    root = etree.fromstring(data, _PARSER)
+    if root is None:
+        return ""
+    return "\n".join(_Walk(root).lines()).strip()
 
 
 def truncate(text: str, limit: int = PUSH_TEXT_LIMIT) -> tuple[str, bool]:

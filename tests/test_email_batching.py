@@ -456,6 +456,22 @@ def test_a_stored_message_that_cannot_be_read_is_dead_lettered_alone(
     assert len(smtp.emails()) == 2
 
 
+def test_a_message_nested_too_deep_for_a_recursive_walk_still_makes_its_email(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    deep = event(7)
+    deep["message"]["content_html"] = (
+        f"<p>Heads up m{mid(deep)}x</p>" + "<b>" * 3000 + "deep"
+    )
+    post(h, deep)
+    [sent] = smtp.wait_for(1, to=addr(7), timeout=15)
+    assert sent.message_ids == [mid(deep)]
+    assert f"Heads up m{mid(deep)}x" in sent.part("plain")
+    assert pending(h, 7) == {}
+
+
 # 8. Flush now -------------------------------------------------------------------------
 
 

@@ -948,6 +948,21 @@ def test_redacted_content_says_new_message(
     assert "0000" not in repr(request.body) and "0000" not in repr(sent.data)
 
 
+def test_a_message_nested_too_deep_for_a_recursive_walk_still_pushes_once(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns
+) -> None:
+    h = direct()
+    add_user(h, 7)
+    apple = apns_token()
+    add_device(h, 7, "apns", apple)
+    post(h, push_event(7, content="<p>Heads up</p>" + "<b>" * 3000 + "deep"))
+    [request] = wait_until(lambda: apns_for(fake_apns, apple), what="APNs push")
+    assert request.body["aps"]["alert"]["body"] == "Heads up"
+    settle()
+    assert len(apns_for(fake_apns, apple)) == 1
+    assert dead_letters(h) == []
+
+
 def test_dry_run_without_providers_completes_and_counts_each_device(
     start: Callable[..., InProcessHerald]
 ) -> None:

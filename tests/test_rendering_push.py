@@ -308,6 +308,63 @@ def test_spoiler_content_stays_hidden() -> None:
     assert html_to_text(html) == "Ending (…)"
 
 
+def test_tables_read_row_by_row() -> None:
+    html = (
+        "<table><thead><tr><th>name</th><th>size</th></tr></thead>"
+        "<tbody><tr><td>logo.svg</td><td>4 KB</td></tr></tbody></table><p>done</p>"
+    )
+    assert html_to_text(html) == "name | size\nlogo.svg | 4 KB\ndone"
+
+
+def test_math_reads_as_its_tex_source() -> None:
+    html = (
+        '<p>Area is <span class="katex"><span class="katex-mathml"><math><semantics>'
+        "<mrow><mi>π</mi><msup><mi>r</mi><mn>2</mn></msup></mrow>"
+        '<annotation encoding="application/x-tex">\\pi r^2</annotation></semantics>'
+        '</math></span><span class="katex-html" aria-hidden="true">πr2</span></span></p>'
+    )
+    assert html_to_text(html) == "Area is $$\\pi r^2$$"
+
+
+def test_stray_content_in_lists_and_items_outside_lists_keep_their_lines() -> None:
+    assert html_to_text("<ul>loose text<li>one</li><p>para</p></ul>") == (
+        "loose text\n- one\npara"
+    )
+    assert html_to_text("<li>alone</li><p>next</p>") == "- alone\nnext"
+
+
+def test_list_items_with_paragraphs_and_quotes() -> None:
+    html = (
+        "<ol><li><p>first</p><p>more</p></li>"
+        "<li><blockquote><p>quoted</p></blockquote></li></ol>"
+    )
+    assert html_to_text(html) == "1. first\n  more\n2. > quoted"
+
+
+def test_text_inside_an_emoji_or_code_block_never_includes_scripts() -> None:
+    html = (
+        '<span class="emoji" title="x"><script>steal()</script></span>'
+        "<pre>a<style>p {}</style>b</pre>"
+    )
+    assert html_to_text(html) == ":x:\nab"
+
+
+def test_a_charset_declared_in_the_message_does_not_change_how_it_is_read() -> None:
+    assert html_to_text('<meta charset="iso-8859-1"><p>café ☕</p>') == "café ☕"
+
+
+def test_hostile_input_renders_without_error() -> None:
+    # Nesting deep enough to exhaust a recursive walker: what comes before it stays,
+    # reading stops at the depth limit, and what is within it still renders.
+    assert html_to_text("<p>before</p>" + "<b>" * 5000 + "x") == "before"
+    assert html_to_text("<blockquote>" * 3000 + "</blockquote>" * 3000 + "after") == ""
+    assert html_to_text("<blockquote>" * 200 + "deep") == "> " * 199 + "> deep"
+    assert html_to_text("a\x00b") == "a\ufffdb"
+    assert html_to_text("lone \ud800 surrogate") == "lone ? surrogate"
+    assert html_to_text("") == ""
+    assert html_to_text("<!-- only a comment -->") == ""
+
+
 def test_truncate() -> None:
     assert truncate("short") == ("short", False)
     assert truncate("a" * 200) == ("a" * 200, False)
