@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import dramatiq
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import ShutdownNotifications
 
 from intake.logs import redact_dramatiq_logs
 from intake.middleware import IntakeMetrics, RetryWithBackoff
+from intake.rabbitmq import RabbitmqBroker
 from settings import Settings
 
 logger = logging.getLogger("herald.intake")
@@ -20,9 +20,10 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     """Build the broker and make it Dramatiq's global one.
 
     RabbitMQ: durable queues, persistent messages, publisher confirms (an enqueue
-    returns only once RabbitMQ has the message on disk) and per-queue dead-letter
-    queues (`<queue>.XQ`). In-process: Dramatiq's stub broker, consumed by a worker
-    in the same process; a 202 then means "queued in memory".
+    returns only once RabbitMQ has the message on disk), per-queue dead-letter
+    queues (`<queue>.XQ`) and acks sent in groups under load (`intake.rabbitmq`).
+    In-process: Dramatiq's stub broker, consumed by a worker in the same process; a
+    202 then means "queued in memory".
     """
     redact_dramatiq_logs()
     middleware = [

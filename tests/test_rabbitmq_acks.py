@@ -1,0 +1,86 @@
+"""herald's RabbitMQ broker sends acks in groups: every message is still acked exactly
+once, and none comes back after the worker goes. Real RabbitMQ, a vhost per test."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import dramatiq
+import pytest
+
+from intake.rabbitmq import RabbitmqBroker, _GroupedAckConsumer
+from tests.harness import rabbit_queue_depth, rabbit_vhost, wait_until
+
+pytestmark = pytest.mark.rabbitmq
+
+MESSAGES = 300
+QUEUE = "acks"
+
+
+class _CountingConsumer(_GroupedAckConsumer):
+    """Counts the consumer thread's wake-ups for acks, and the acks they carried."""
+
+    wakeups = 0
+    acked = 0
+
+    def _send_acks(self) -> None:
+        with self._lock:
+            carried = len(self._pending)
+        type(self).wakeups += 1
+        type(self).acked += carried
+        super()._send_acks()
+
+
+class _CountingBroker(RabbitmqBroker):
+    @property
+    def consumer_class(self) -> type[Any]:
+        return _CountingConsumer
+
+
+def _run(url: str, broker_class: type[RabbitmqBroker], seen: Counter[int],
+         expected: int) -> None:
+    """Consume the queue with one worker until `expected` calls ran, then stop it."""
+    broker = broker_class(url=url, confirm_delivery=True)
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        time.sleep(0.002)  # long enough for many to finish while the consumer is busy
+        with lock:
+            seen[n] += 1
+
+    actor = dramatiq.actor(broker=broker, actor_name="work", queue_name=QUEUE,
+                           max_retries=0)(work)
+    for n in range(MESSAGES if expected else 0):
+        actor.send(n)
+    worker = dramatiq.Worker(broker, worker_threads=32, worker_timeout=100)
+    worker.start()
+    try:
+        if expected:
+            wait_until(lambda: sum(seen.values()) >= expected, timeout=60,
+                       what=f"{expected} messages processed")
+        else:
+            time.sleep(1.0)  # anything left unacked would be redelivered meanwhile
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+
+
+def test_every_message_is_acked_once_and_acks_share_wakeups() -> None:
+    _CountingConsumer.wakeups = _CountingConsumer.acked = 0
+    with rabbit_vhost() as url:
+        seen: Counter[int] = Counter()
+        _run(url, _CountingBroker, seen, MESSAGES)
+        # The worker has closed its connection: an unacked message would be ready again.
+        assert rabbit_queue_depth(url, QUEUE) == 0
+        assert sorted(seen) == list(range(MESSAGES))
+        assert set(seen.values()) == {1}
+        assert _CountingConsumer.acked == MESSAGES
+        assert _CountingConsumer.wakeups < MESSAGES, "acks finishing together share a wake-up"
+
+        # A second worker on the same queue gets nothing to do again.
+        again: Counter[int] = Counter()
+        _run(url, RabbitmqBroker, again, 0)
+        assert again == Counter()
