@@ -952,9 +952,7 @@ def test_a_message_nested_too_deep_for_a_recursive_walk_still_pushes_once(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple = apns_token()
-    add_device(h, 7, "apns", apple)
+    apple = _users_with_an_apns_device(h, (7,))[7]
     post(h, push_event(7, content="<p>Heads up</p>" + "<b>" * 3000 + "deep"))
     [request] = wait_until(lambda: apns_for(fake_apns, apple), what="APNs push")
     assert request.body["aps"]["alert"]["body"] == "Heads up"
