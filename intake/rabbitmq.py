@@ -49,13 +49,22 @@ class _GroupedAckConsumer(rabbitmq._RabbitmqConsumer):
                 return  # the wake-up already asked for carries this ack too
         try:
             self.connection.add_callback_threadsafe(self._send_acks)
-        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+        except Exception as e:
+            # No wake-up will come for the queued tags: forget them (their messages are
+            # redelivered once this connection is gone), or no later ack would ask for
+            # a wake-up again.
             with self._lock:
-                self._pending.clear()  # the channel is gone, and its tags with it
-            raise ConnectionClosed(e) from None
+                self._pending.clear()
+            if isinstance(e, pika.exceptions.AMQPConnectionError
+                          | pika.exceptions.AMQPChannelError):
+                raise ConnectionClosed(e) from None
+            self.logger.warning("Failed to ack message.", exc_info=True)
 
-    def _send_acks(self) -> None:
+    def _take_pending(self) -> list[int]:
         with self._lock:
             tags, self._pending = self._pending, []
-        for tag in tags:
+        return tags
+
+    def _send_acks(self) -> None:
+        for tag in self._take_pending():
             self.channel.basic_ack(tag)

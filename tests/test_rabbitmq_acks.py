@@ -10,6 +10,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.errors import ConnectionClosed
 
 from intake.rabbitmq import RabbitmqBroker, _GroupedAckConsumer
 from tests.harness import rabbit_queue_depth, rabbit_vhost, wait_until
@@ -26,12 +27,11 @@ class _CountingConsumer(_GroupedAckConsumer):
     wakeups = 0
     acked = 0
 
-    def _send_acks(self) -> None:
-        with self._lock:
-            carried = len(self._pending)
+    def _take_pending(self) -> list[int]:
+        tags = super()._take_pending()
         type(self).wakeups += 1
-        type(self).acked += carried
-        super()._send_acks()
+        type(self).acked += len(tags)
+        return tags
 
 
 class _CountingBroker(RabbitmqBroker):
@@ -84,3 +84,32 @@ def test_every_message_is_acked_once_and_acks_share_wakeups() -> None:
         again: Counter[int] = Counter()
         _run(url, RabbitmqBroker, again, 0)
         assert again == Counter()
+
+
+def test_an_ack_on_a_closed_connection_fails_without_blocking_later_acks() -> None:
+    with rabbit_vhost() as url:
+        broker = RabbitmqBroker(url=url, confirm_delivery=True)
+        try:
+            broker.declare_queue(QUEUE)
+            for n in range(2):
+                broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name="work",
+                                                args=(n,), kwargs={}, options={}))
+            first = broker.consume(QUEUE, prefetch=1, timeout=1000)
+            assert isinstance(first, _GroupedAckConsumer)
+            message = wait_until(lambda: next(first), what="a delivery")
+            first.connection.close()
+            with pytest.raises(ConnectionClosed):
+                first.ack(message)
+            assert first._take_pending() == [], "nothing left waiting for a wake-up"
+
+            # Unacked on a closed connection: both messages are delivered again, and
+            # acks on a live consumer go through.
+            second = broker.consume(QUEUE, prefetch=2, timeout=1000)
+            got = [wait_until(lambda: next(second), what="a redelivery") for _ in range(2)]
+            assert sorted(m.args[0] for m in got) == [0, 1]
+            for m in got:
+                second.ack(m)
+            second.close()
+            assert rabbit_queue_depth(url, QUEUE) == 0
+        finally:
+            broker.close()
