@@ -4,6 +4,7 @@ SIGTERM drains and exits 0. Real processes, real brokers, real databases."""
 from __future__ import annotations
 
 import email
+import signal
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.harness import HeraldProcess, backend_env, rabbit_queue_depth, wait_u
 pytestmark = pytest.mark.slow
 
 USER = 7
+OTHER_USER = 8
 
 
 def _outbox(directory: Path) -> list[email.message.Message]:
@@ -23,9 +25,10 @@ def _outbox(directory: Path) -> list[email.message.Message]:
     return [email.message_from_bytes(p.read_bytes()) for p in sorted(directory.glob("*.eml"))]
 
 
-def _put_user(client: object, period: int) -> None:
-    response = client.put(f"/v1/users/{USER}", json={  # type: ignore[attr-defined]
-        "email": "ada@example.com", "full_name": "Ada", "email_batching_period_seconds": period})
+def _put_user(client: object, period: int, user: int = USER) -> None:
+    response = client.put(f"/v1/users/{user}", json={  # type: ignore[attr-defined]
+        "email": f"user{user}@example.com", "full_name": "Ada",
+        "email_batching_period_seconds": period})
     assert response.status_code == 200, response.text
 
 
@@ -136,15 +139,75 @@ def _receipts(database_url: str) -> int:
         return int(models.PushReceipt.select().count())
 
 
-def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
+    """Embedded: a batch still waiting for its window when SIGTERM comes is not sent early
+    and not lost: it is there when herald starts again."""
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}",
            "OUTBOX_DIR": str(tmp_path / "outbox")}
     process = HeraldProcess(env, "all", cwd=tmp_path).start()
     with process.client() as client:
         _put_user(client, period=120)
-        assert client.post("/v1/events", json=message_event(USER)).status_code == 202
+        event = message_event(USER, channels=("email",))
+        assert client.post("/v1/events", json=event).status_code == 202
+        wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
+                   what="the row to be committed")
     assert process.terminate(timeout=60) == 0
     assert "stopped" in process.output()
+    assert _outbox(tmp_path / "outbox") == []
+    with HeraldProcess(env, "all", cwd=tmp_path) as again, again.client() as client:
+        pending = client.get(f"/v1/users/{USER}/pending").json()["pending"]
+        assert [p["message_id"] for p in pending] == [event["message"]["id"]]
+
+
+def test_sigterm_finishes_the_push_in_flight_and_hands_back_the_rest(tmp_path: Path) -> None:
+    """A worker told to stop while a push waits on a slow provider finishes that push
+    (answered, recorded, acked) and exits 0; an event that comes while it drains is left
+    to the next worker. Each device gets its push exactly once."""
+    from tests.fakes.fcm import FakeFcm
+
+    fake = FakeFcm(delay=3.0)
+    base = fake.start()
+    try:
+        credentials = fake.new_service_account(tmp_path)
+        with backend_env("production", tmp_path) as env:
+            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base}
+            web = HeraldProcess(env, "web", cwd=tmp_path).start()
+            worker = HeraldProcess(env, "worker", cwd=tmp_path).start()
+            restarted = None
+            try:
+                with web.client() as client:
+                    for user, token in ((USER, "slow-1"), (OTHER_USER, "later-1")):
+                        _put_user(client, period=60, user=user)
+                        assert client.post(f"/v1/users/{user}/devices", json={
+                            "kind": "fcm", "token": token}).status_code == 201
+                    first = message_event(USER, channels=("push",))
+                    assert client.post("/v1/events", json=first).status_code == 202
+                    wait_until(lambda: fake.arrived == ["slow-1"], timeout=15,
+                               what="the send to reach the slow provider")
+                    assert worker.proc is not None
+                    worker.proc.send_signal(signal.SIGTERM)
+                    wait_until(lambda: "draining" in worker.output(), what="the drain to start")
+                    second = message_event(OTHER_USER, channels=("push",))
+                    assert client.post("/v1/events", json=second).status_code == 202
+                    assert worker.proc.wait(60) == 0
+                    # The push in flight was answered, not cut off, and its receipt kept.
+                    assert [r.token for r in fake.requests].count("slow-1") == 1
+                    assert _receipts(env["DATABASE_URL"]) >= 1
+                    assert "stopped" in worker.output()
+                    fake.delay = 0.0
+                    restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
+                    wait_until(lambda: _receipts(env["DATABASE_URL"]) == 2, timeout=30,
+                               what="the second push to be accepted")
+                    wait_until(lambda: rabbit_queue_depth(env["BROKER_URL"], "push.shard0") == 0,
+                               what="the queue to drain")
+                    assert sorted(r.token for r in fake.requests) == ["later-1", "slow-1"]
+                    assert restarted.terminate() == 0
+            finally:
+                for p in (web, worker, restarted):
+                    if p is not None and p.proc and p.proc.poll() is None:
+                        p.proc.kill()
+    finally:
+        fake.stop()
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
