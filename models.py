@@ -17,9 +17,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee as pw
@@ -307,7 +307,11 @@ def write_transaction() -> Iterator[None]:
             yield
 
 
-def in_thread_connection(fn: Any, *args: Any) -> Any:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def in_thread_connection(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Run `fn(*args)` on this thread's own connection, opened once and then kept.
 
     For herald's long-lived, bounded threads (the actor pool, the push engines'
@@ -317,7 +321,7 @@ def in_thread_connection(fn: Any, *args: Any) -> Any:
     """
     db.connect(reuse_if_open=True)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (pw.OperationalError, pw.InterfaceError):
         if not db.in_transaction():
             db.close()

@@ -86,7 +86,7 @@ class RemovePlan:
 
 def in_connection(fn: Callable[..., T], *args: Any) -> T:
     # The engine's database threads are few and long-lived: each keeps its connection.
-    return in_thread_connection(fn, *args)  # type: ignore[no-any-return]
+    return in_thread_connection(fn, *args)
 
 
 def recipient_of(user: User) -> Recipient:

@@ -200,7 +200,7 @@ def test_sigterm_finishes_the_push_in_flight_and_hands_back_the_rest(tmp_path: P
                                what="the second push to be accepted")
                     wait_until(lambda: rabbit_queue_depth(env["BROKER_URL"], "push.shard0") == 0,
                                what="the queue to drain")
-                    assert sorted(r.token for r in fake.requests) == ["later-1", "slow-1"]
+                    assert sorted(str(r.token) for r in fake.requests) == ["later-1", "slow-1"]
                     assert restarted.terminate() == 0
             finally:
                 for p in (web, worker, restarted):
