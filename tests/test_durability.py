@@ -3,14 +3,19 @@ SIGTERM drains and exits 0. Real processes, real brokers, real databases."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import message_event
+from tests.fakes.fcm import FakeFcm
 from tests.harness import HeraldProcess, backend_env, rabbit_queue_depth, wait_until
 
 pytestmark = pytest.mark.slow
@@ -91,52 +96,71 @@ def test_rabbitmq_event_survives_sigkill_of_worker(tmp_path: Path) -> None:
                     p.proc.kill()
 
 
-def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
-    """The worker dies while a push is in flight (the provider is slow): the message
-    was never acked, so the restarted worker delivers it."""
-    from tests.fakes.fcm import FakeFcm
+@dataclass
+class _SlowFcmRig:
+    """A web and a worker process on RabbitMQ + PostgreSQL, sending to a fake FCM."""
 
-    fake = FakeFcm()
+    fake: FakeFcm
+    env: dict[str, str]
+    cwd: Path
+    processes: list[HeraldProcess] = field(default_factory=list)
+
+    def spawn(self, mode: str) -> HeraldProcess:
+        process = HeraldProcess(self.env, mode, cwd=self.cwd).start()
+        self.processes.append(process)
+        return process
+
+    def user_with_device(self, client: httpx.Client, user: int, token: str) -> None:
+        _put_user(client, period=60, user=user)
+        response = client.post(f"/v1/users/{user}/devices", json={"kind": "fcm", "token": token})
+        assert response.status_code == 201, response.text
+
+    def receipts(self) -> int:
+        import models
+
+        database = models.make_database(self.env["DATABASE_URL"])
+        with database.bind_ctx([models.PushReceipt]), database.connection_context():
+            return int(models.PushReceipt.select().count())
+
+
+@contextlib.contextmanager
+def _slow_fcm_rig(tmp_path: Path, delay: float) -> Iterator[_SlowFcmRig]:
+    fake = FakeFcm(delay=delay)
     base = fake.start()
     try:
         credentials = fake.new_service_account(tmp_path)
         with backend_env("production", tmp_path) as env:
             env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base}
-            web = HeraldProcess(env, "web", cwd=tmp_path).start()
-            worker = HeraldProcess(env, "worker", cwd=tmp_path).start()
-            restarted = None
+            rig = _SlowFcmRig(fake, env, tmp_path)
             try:
-                with web.client() as client:
-                    _put_user(client, period=60)
-                    assert client.post(f"/v1/users/{USER}/devices",
-                                       json={"kind": "fcm", "token": "slow-1"}).status_code == 201
-                    fake.delay = 6.0
-                    event = message_event(USER, channels=("push",))
-                    assert client.post("/v1/events", json=event).status_code == 202
-                    wait_until(lambda: fake.arrived == ["slow-1"], timeout=15,
-                               what="the send to reach the slow provider")
-                    assert fake.requests == [], "in flight: not answered yet"
-                    worker.kill()  # mid-send: the message is unacked
-                    fake.delay = 0.0
-                    restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
-                    wait_until(lambda: _receipts(env["DATABASE_URL"]) == 1, timeout=30,
-                               what="the redelivered push to be accepted")
-                    wait_until(lambda: rabbit_queue_depth(env["BROKER_URL"], "push.shard0") == 0,
-                               what="the queue to drain")
+                yield rig
             finally:
-                for p in (web, worker, restarted):
-                    if p is not None and p.proc and p.proc.poll() is None:
-                        p.proc.kill()
+                for process in rig.processes:
+                    if process.proc and process.proc.poll() is None:
+                        process.proc.kill()
     finally:
         fake.stop()
 
 
-def _receipts(database_url: str) -> int:
-    import models
-
-    database = models.make_database(database_url)
-    with database.bind_ctx([models.PushReceipt]), database.connection_context():
-        return int(models.PushReceipt.select().count())
+def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
+    """The worker dies while a push is in flight (the provider is slow): the message
+    was never acked, so the restarted worker delivers it."""
+    with _slow_fcm_rig(tmp_path, delay=6.0) as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            rig.user_with_device(client, USER, "slow-1")
+            event = message_event(USER, channels=("push",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: rig.fake.arrived == ["slow-1"], timeout=15,
+                       what="the send to reach the slow provider")
+            assert rig.fake.requests == [], "in flight: not answered yet"
+            worker.kill()  # mid-send: the message is unacked
+            rig.fake.delay = 0.0
+            rig.spawn("worker")
+            wait_until(lambda: rig.receipts() == 1, timeout=30,
+                       what="the redelivered push to be accepted")
+            wait_until(lambda: rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0") == 0,
+                       what="the queue to drain")
 
 
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
@@ -163,51 +187,33 @@ def test_sigterm_finishes_the_push_in_flight_and_hands_back_the_rest(tmp_path: P
     """A worker told to stop while a push waits on a slow provider finishes that push
     (answered, recorded, acked) and exits 0; an event that comes while it drains is left
     to the next worker. Each device gets its push exactly once."""
-    from tests.fakes.fcm import FakeFcm
-
-    fake = FakeFcm(delay=3.0)
-    base = fake.start()
-    try:
-        credentials = fake.new_service_account(tmp_path)
-        with backend_env("production", tmp_path) as env:
-            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base}
-            web = HeraldProcess(env, "web", cwd=tmp_path).start()
-            worker = HeraldProcess(env, "worker", cwd=tmp_path).start()
-            restarted = None
-            try:
-                with web.client() as client:
-                    for user, token in ((USER, "slow-1"), (OTHER_USER, "later-1")):
-                        _put_user(client, period=60, user=user)
-                        assert client.post(f"/v1/users/{user}/devices", json={
-                            "kind": "fcm", "token": token}).status_code == 201
-                    first = message_event(USER, channels=("push",))
-                    assert client.post("/v1/events", json=first).status_code == 202
-                    wait_until(lambda: fake.arrived == ["slow-1"], timeout=15,
-                               what="the send to reach the slow provider")
-                    assert worker.proc is not None
-                    worker.proc.send_signal(signal.SIGTERM)
-                    wait_until(lambda: "draining" in worker.output(), what="the drain to start")
-                    second = message_event(OTHER_USER, channels=("push",))
-                    assert client.post("/v1/events", json=second).status_code == 202
-                    assert worker.proc.wait(60) == 0
-                    # The push in flight was answered, not cut off, and its receipt kept.
-                    assert [r.token for r in fake.requests].count("slow-1") == 1
-                    assert _receipts(env["DATABASE_URL"]) >= 1
-                    assert "stopped" in worker.output()
-                    fake.delay = 0.0
-                    restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
-                    wait_until(lambda: _receipts(env["DATABASE_URL"]) == 2, timeout=30,
-                               what="the second push to be accepted")
-                    wait_until(lambda: rabbit_queue_depth(env["BROKER_URL"], "push.shard0") == 0,
-                               what="the queue to drain")
-                    assert sorted(str(r.token) for r in fake.requests) == ["later-1", "slow-1"]
-                    assert restarted.terminate() == 0
-            finally:
-                for p in (web, worker, restarted):
-                    if p is not None and p.proc and p.proc.poll() is None:
-                        p.proc.kill()
-    finally:
-        fake.stop()
+    with _slow_fcm_rig(tmp_path, delay=3.0) as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            rig.user_with_device(client, USER, "slow-1")
+            rig.user_with_device(client, OTHER_USER, "later-1")
+            first = message_event(USER, channels=("push",))
+            assert client.post("/v1/events", json=first).status_code == 202
+            wait_until(lambda: rig.fake.arrived == ["slow-1"], timeout=15,
+                       what="the send to reach the slow provider")
+            assert worker.proc is not None
+            worker.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: "draining" in worker.output(), what="the drain to start")
+            second = message_event(OTHER_USER, channels=("push",))
+            assert client.post("/v1/events", json=second).status_code == 202
+            assert worker.proc.wait(60) == 0
+            # The push in flight was answered, not cut off, and its receipt kept.
+            assert [r.token for r in rig.fake.requests].count("slow-1") == 1
+            assert rig.receipts() >= 1
+            assert "stopped" in worker.output()
+            rig.fake.delay = 0.0
+            restarted = rig.spawn("worker")
+            wait_until(lambda: rig.receipts() == 2, timeout=30,
+                       what="the second push to be accepted")
+            wait_until(lambda: rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0") == 0,
+                       what="the queue to drain")
+            assert sorted(str(r.token) for r in rig.fake.requests) == ["later-1", "slow-1"]
+            assert restarted.terminate() == 0
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
