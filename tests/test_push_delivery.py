@@ -179,6 +179,15 @@ def add_device(h: InProcessHerald, user_id: int, kind: str, token: str) -> None:
     assert response.status_code == 201, response.text
 
 
+def user_with_both_devices(h: InProcessHerald, user_id: int) -> tuple[str, str]:
+    """Adds a user with one APNs and one FCM device; returns (APNs token, FCM token)."""
+    add_user(h, user_id)
+    apple, android = apns_token(), fcm_token()
+    add_device(h, user_id, "apns", apple)
+    add_device(h, user_id, "fcm", android)
+    return apple, android
+
+
 def devices(h: InProcessHerald, user_id: int) -> set[tuple[str, str]]:
     response = h.client.get(f"/v1/users/{user_id}/devices")
     assert response.status_code == 200, response.text
@@ -259,10 +268,7 @@ def test_stream_mention_reaches_apns_and_fcm_with_zulip_payloads(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     mid = new_id()
     post(h, push_event(7, mid, content="<p>Hello <b>there</b></p>"))
 
@@ -307,10 +313,7 @@ def test_read_after_push_sends_a_remove(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     first, second = new_id(), new_id()
     post(h, push_event(7, first), push_event(7, second))
     wait_until(lambda: len(apns_for(fake_apns, apple)) == 2, what="two APNs pushes")
@@ -346,10 +349,7 @@ def test_read_of_a_message_never_pushed_sends_nothing(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     progress = Progress()
     post(h, read_event(7, new_id(), new_id()))
     progress.wait(1)
@@ -365,10 +365,7 @@ def test_push_then_immediate_read_never_reorders(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     ids = [new_id() for _ in range(6)]
     progress = Progress()
     for mid in ids:  # each pair in one request: queued back to back
@@ -390,10 +387,7 @@ def test_read_processed_before_its_push_means_no_push(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     mid = new_id()
     progress = Progress()
     post(h, read_event(7, mid))
@@ -559,10 +553,7 @@ def test_retry_after_is_a_floor(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     fake_apns.script(apple, [(429, "TooManyRequests", {"Retry-After": "2"})])
     fake_fcm.script(android, [(429, "QUOTA_EXCEEDED", {"Retry-After": "2"})])
 
@@ -935,10 +926,7 @@ def test_redacted_content_says_new_message(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
     h = direct(PUSH_REDACT_CONTENT="1")
-    add_user(h, 7)
-    apple, android = apns_token(), fcm_token()
-    add_device(h, 7, "apns", apple)
-    add_device(h, 7, "fcm", android)
+    apple, android = user_with_both_devices(h, 7)
     post(h, push_event(7, content="<p>the launch code is 0000</p>"))
     [request] = wait_until(lambda: apns_for(fake_apns, apple), what="APNs push")
     [sent] = wait_until(lambda: fcm_for(fake_fcm, android), what="FCM push")
