@@ -9,12 +9,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonDict
 
 from settings import MAX_BATCHING_PERIOD_SECONDS
 
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 120.0 is the integer 120 (as JSON Schema says); 1.5,
+    # true and "120" stay as they are for the strict check to refuse.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# JSON integers (an int, or a float with nothing after the point; never a bool or
+# text). The bounds come before the validator so that they reach the JSON Schema.
 # Ids are positive and fit in a signed 64-bit column.
-Id = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)]
+Id = Annotated[int, Field(gt=0, le=2**63 - 1, strict=True), BeforeValidator(_integral)]
 # The last second an email can show as a date (23:59:59 UTC on 31 Dec 9999, the end
 # of Python's calendar); a later `date_sent` could be queued but never rendered.
 LAST_SHOWABLE_SECOND = 253_402_300_799
@@ -47,25 +67,52 @@ class Participant(_Strict):
     full_name: str = Field(min_length=1, max_length=200)
 
 
+# What counts as space, spelled out: regex engines disagree on `\s` (Python's, Rust's
+# and JavaScript's differ on U+0085, U+001C-U+001F and U+FEFF), and the OpenAPI
+# document must mean what the validation does. Python's whitespace, and U+FEFF.
+_SPACE_CHARS = "".join(
+    chr(c) for c in [*range(0x09, 0x0E), *range(0x1C, 0x21), 0x85, 0xA0, 0x1680,
+                     *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0xFEFF]
+)
+# The same, as the inside of a regex character class every engine reads alike.
+_SPACES = "".join(f"\\u{ord(c):04x}" for c in _SPACE_CHARS)
+# Text with something besides space in it (for the OpenAPI document; `_not_blank`
+# checks the same).
+_NOT_BLANK: JsonDict = {"pattern": f"[^{_SPACES}]"}
+# An email address: one @, no space, no control character.
+EMAIL_PATTERN = rf"^[^@{_SPACES}\x00-\x1f\x7f-\x9f]+@[^@{_SPACES}\x00-\x1f\x7f-\x9f]+$"
+
+
 class Message(_Strict):
     """A snapshot of a chat message, as the chat server saw it when it sent the event."""
+
+    # The rules of `_shape`, for the OpenAPI document.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"recipient_type": {"const": "stream"}}},
+         "then": {"required": ["stream", "topic"],
+                  "properties": {"stream": {"type": "string"}, "topic": {"type": "string"}}}},
+        {"if": {"properties": {"recipient_type": {"const": "private"}}},
+         "then": {"properties": {"stream": {"type": "null"}}}},
+    ]})
 
     id: Id
     sender_id: Id
     sender_full_name: str = Field(min_length=1, max_length=200)
     sender_email: str = Field(min_length=3, max_length=254)
     recipient_type: Literal["stream", "private"]
-    stream: str | None = Field(None, max_length=200)
+    stream: str | None = Field(None, max_length=200, json_schema_extra=_NOT_BLANK)
     stream_id: Id | None = None
-    topic: str | None = Field(None, max_length=200)
+    topic: str | None = Field(None, max_length=200, json_schema_extra=_NOT_BLANK)
     pm_users: list[Participant] | None = Field(None, max_length=1000)
     content_html: str = Field(max_length=200_000)
-    date_sent: int = Field(ge=0, le=LAST_SHOWABLE_SECOND)
+    date_sent: Annotated[
+        int, Field(ge=0, le=LAST_SHOWABLE_SECOND, strict=True), BeforeValidator(_integral)
+    ]
 
     @field_validator("stream", "topic")
     @classmethod
     def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+        if value is not None and not value.strip(_SPACE_CHARS):
             raise ValueError("must not be blank")
         return value
 
@@ -131,11 +178,11 @@ def parse_event(data: Any) -> MessageEvent | ReadEvent | MessageDeletedEvent:
 class UserSettingsIn(_Strict):
     """Body of `PUT /v1/users/{user_id}`."""
 
-    email: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    email: str = Field(min_length=3, max_length=254, pattern=EMAIL_PATTERN)
     full_name: str = Field(min_length=1, max_length=200)
-    email_batching_period_seconds: int = Field(
-        120, gt=0, le=MAX_BATCHING_PERIOD_SECONDS, strict=True
-    )
+    email_batching_period_seconds: Annotated[
+        int, Field(gt=0, le=MAX_BATCHING_PERIOD_SECONDS, strict=True), BeforeValidator(_integral)
+    ] = 120
     enable_offline_email_notifications: bool = Field(True, strict=True)
     enable_offline_push_notifications: bool = Field(True, strict=True)
     realm_name: str = Field("", max_length=200)
@@ -145,6 +192,12 @@ class UserSettingsIn(_Strict):
 
 class DeviceIn(_Strict):
     """Body of `POST /v1/users/{user_id}/devices`."""
+
+    # The rule of `_ios_app_id`, for the OpenAPI document.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"kind": {"const": "apns"}}},
+        "then": {"required": ["ios_app_id"], "properties": {"ios_app_id": {"type": "string"}}},
+    })
 
     kind: Literal["apns", "fcm"]
     token: str = Field(min_length=1, max_length=1024, pattern=r"^[\x21-\x7e]+$")

@@ -180,7 +180,10 @@ def create_app(
         return JSONResponse({"error": "no such endpoint", "field": None}, status_code=404)
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": "method not allowed", "field": None}, status_code=405)
+        # RFC 9110: a 405 lists the methods the resource does allow.
+        headers = getattr(exc, "headers", None) or {}
+        return JSONResponse({"error": "method not allowed", "field": None}, status_code=405,
+                            headers={k: v for k, v in headers.items() if k.lower() == "allow"})
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 

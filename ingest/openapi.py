@@ -48,7 +48,7 @@ def openapi_document() -> dict[str, Any]:
              "discriminator": {"propertyName": "type"}}
     schemas["Event"] = event
     user_id = {"name": "user_id", "in": "path", "required": True,
-               "schema": {"type": "integer", "minimum": 1}}
+               "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "herald ingest API", "version": "1"},
@@ -92,9 +92,9 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "oneOf": [{"$ref": "#/components/schemas/Event"},
                               {"type": "object", "properties": {"events": {
-                                  "type": "array", "items": {
+                                  "type": "array", "minItems": 1, "items": {
                                       "$ref": "#/components/schemas/Event"}}},
-                               "required": ["events"]}]}}}},
+                               "required": ["events"], "additionalProperties": False}]}}}},
                 "responses": {"202": _answer("Queued", {"type": "object", "properties": {
                     "accepted": {"type": "integer"}}}),
                     **_errors(400, 401, 409, 413, 422, 503)}}},

@@ -121,6 +121,12 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str | None]] =
     # An email could never show it as a date (after 9999): refused, not queued.
     ("date_sent past year 9999", "POST", "/v1/events",
      _message_with(date_sent=253_402_300_800), None, 422, "message.date_sent"),
+    ("date_sent as a boolean", "POST", "/v1/events", _message_with(date_sent=False), None,
+     422, "message.date_sent"),
+    ("user_id with a fraction", "POST", "/v1/events", _with(user_id=7.5), None, 422,
+     "user_id"),
+    ("topic of spaces only", "POST", "/v1/events", _message_with(topic="\u0085\u3000 "), None,
+     422, "message.topic"),
     ("stream message without topic", "POST", "/v1/events", _message_with(topic=None), None,
      422, "message.topic"),
     ("bad recipient type", "POST", "/v1/events", _message_with(recipient_type="huddle"), None,
@@ -141,6 +147,10 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str | None]] =
     ("batching period as float", "PUT", f"/v1/users/{USER}",
      {**GOOD, "email_batching_period_seconds": 1.5}, None, 422,
      "email_batching_period_seconds"),
+    ("email with a control character", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada\x01@example.com"}, None, 422, "email"),
+    ("email with a next-line character", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada\u0085@example.com"}, None, 422, "email"),
     ("user without email", "PUT", f"/v1/users/{USER}", {"full_name": "Ada"}, None, 422,
      "email"),
     ("bad user id in path", "PUT", "/v1/users/abc", GOOD, None, 400, "user_id"),
@@ -183,6 +193,24 @@ def test_good_input_does_change_things(idle_herald: InProcessHerald) -> None:
     before = snapshot(idle_herald)
     assert idle_herald.post_events(message_event(USER)).status_code == 202
     assert snapshot(idle_herald) != before
+
+
+def test_a_json_integer_may_be_written_with_a_point(idle_herald: InProcessHerald) -> None:
+    # JSON has one number type: 600.0 is the integer 600, as the OpenAPI document says.
+    response = idle_herald.client.put(f"/v1/users/{USER}", json={
+        **GOOD, "email_batching_period_seconds": 600.0})
+    assert response.status_code == 200, response.text
+    assert response.json()["email_batching_period_seconds"] == 600
+    event = _with(user_id=float(USER))
+    event["message"]["date_sent"] = float(event["message"]["date_sent"])
+    assert idle_herald.post_events(event).status_code == 202
+
+
+def test_a_method_not_allowed_lists_the_allowed_ones(idle_herald: InProcessHerald) -> None:
+    response = idle_herald.client.delete("/v1/events")
+    assert response.status_code == 405
+    assert response.json() == {"error": "method not allowed", "field": None}
+    assert response.headers["allow"] == "POST"
 
 
 def test_idempotency_key_makes_a_retry_a_no_op(idle_herald: InProcessHerald) -> None:
