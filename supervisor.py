@@ -6,7 +6,7 @@
 - `web`: the ingest API only; publishes to RabbitMQ (`BROKER_URL` required).
 - `worker`: consumers and actors only (`BROKER_URL` required).
 - `migrate`: apply database migrations and exit.
-- `dead-letters list|show ID|replay ID`: operate the dead-letter store.
+- `dead-letters list|show ID|replay ID…|replay --all`: operate the dead-letter store.
 
 SIGTERM (or Ctrl-C) drains: the API stops taking requests, the Dramatiq worker
 finishes the messages in hand and hands the prefetched ones back to the broker, the
@@ -17,6 +17,7 @@ supervisor's restart budget is spent, the process exits 70 for its manager to re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,8 +29,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# Exit statuses: a configuration error, and a supervisor that gave up.
+# Exit statuses: a configuration error, a command line that makes no sense (both as
+# argparse's own), and a supervisor that gave up.
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
 EXIT_GAVE_UP = 70
 # How long a draining worker waits for messages in hand (milliseconds).
 DRAIN_TIMEOUT_MS = 60_000
@@ -73,8 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--all", action="store_true", help="include replayed ones")
     show = dl_sub.add_parser("show", help="one dead letter with its payload")
     show.add_argument("id", type=int)
-    replay = dl_sub.add_parser("replay", help="send a dead letter's work again")
-    replay.add_argument("id", type=int)
+    replay = dl_sub.add_parser(
+        "replay", help="send dead letters' work again: by id, or --all that the filters select")
+    replay.add_argument("ids", type=int, nargs="*", metavar="ID")
+    replay.add_argument("--all", action="store_true",
+                        help="every dead letter not yet replayed, of a replayable kind, "
+                             "oldest first")
+    replay.add_argument("--kind", choices=("queue_message", "email_batch"),
+                        help="with --all: only this kind")
+    replay.add_argument("--queue", help="with --all: only letters from this queue")
+    replay.add_argument("--reason", help="with --all: only those whose reason contains this")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="list what would be replayed, and change nothing")
     return parser
 
 
@@ -213,65 +226,55 @@ def _dead_letters(settings: Any, args: argparse.Namespace) -> int:
         if not rows:
             print("no dead letters")
         for row in rows:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.created_at))
-            replayed = " (replayed)" if row.replayed_at else ""
-            print(f"{row.id:>6}  {when}  {row.kind:<14} {row.queue or '-':<14} "
-                  f"tries={row.attempts:<3} {row.reason[:80]}{replayed}")
+            _print_dead_letter(row)
         return 0
+    if args.action == "replay":
+        return _replay(settings, args)
     found = dead_letters.get_dead_letter(args.id)
     if found is None:
         print(f"herald: no dead letter {args.id}", file=sys.stderr)
         return 1
-    row = found
-    if args.action == "show":
-        print(json.dumps(row.as_dict(with_payload=True), indent=2, sort_keys=True))
-        return 0
-    return _replay(settings, row)
-
-
-def _replay(settings: Any, row: Any) -> int:
-    import dramatiq
-
-    import models
-    from intake import dead_letters
-    from intake.broker import make_broker
-    from intake.consumers import COMMAND_REPLAY_EMAIL_BATCH, Consumers
-    from intake.publisher import Publisher
-    from intake.queues import EMAIL_ACTOR, EMAIL_QUEUE
-
-    payload = json.loads(row.payload)
-    if row.replayed_at:
-        print(f"herald: dead letter {row.id} was already replayed", file=sys.stderr)
-        return 1
-    if row.kind == dead_letters.KIND_EMAIL_BATCH and not settings.BROKER_URL:
-        # Embedded default: put the rows back; the running herald's sweep picks them up.
-        from actors._batch_store import restore_rows
-
-        restore_rows(payload["user_id"], payload["rows"], time.time())
-    elif not settings.BROKER_URL:
-        print("herald: replaying a queue message needs BROKER_URL (the in-process broker "
-              "lives in the running herald); POST its event to /v1/events instead:\n"
-              + json.dumps(payload.get("args", [None])[0]), file=sys.stderr)
-        return 1
-    else:
-        broker = make_broker(settings)
-        Consumers(broker, settings.PUSH_SHARDS)
-        if row.kind == dead_letters.KIND_EMAIL_BATCH:
-            Publisher(broker, settings.PUSH_SHARDS).command(
-                EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REPLAY_EMAIL_BATCH, payload)
-        elif row.kind == dead_letters.KIND_QUEUE_MESSAGE:
-            broker.enqueue(dramatiq.Message(
-                queue_name=payload["queue"], actor_name=payload["actor"],
-                args=tuple(payload["args"]), kwargs=payload.get("kwargs", {}), options={}))
-        else:
-            print(f"herald: dead letters of kind {row.kind} cannot be replayed "
-                  "(the provider refused them permanently)", file=sys.stderr)
-            return 1
-        broker.close()
-    with models.db.connection_context():
-        dead_letters.mark_replayed(row.id)
-    print(f"replayed dead letter {row.id}")
+    print(json.dumps(found.as_dict(with_payload=True), indent=2, sort_keys=True))
     return 0
+
+
+def _print_dead_letter(row: Any) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.created_at))
+    replayed = " (replayed)" if row.replayed_at else ""
+    print(f"{row.id:>6}  {when}  {row.kind:<14} {row.queue or '-':<14} "
+          f"tries={row.attempts:<3} {row.reason[:80]}{replayed}")
+
+
+def _replay(settings: Any, args: argparse.Namespace) -> int:
+    from intake import dead_letters
+    from intake.replay import Replayer, Selection
+
+    filters = args.kind or args.queue or args.reason
+    if bool(args.ids) == bool(args.all) or (filters and not args.all):
+        print("herald: replay takes dead letter ids, or --all (with --kind, --queue and "
+              "--reason to narrow it)", file=sys.stderr)
+        return EXIT_USAGE
+    ids = Selection(args.kind, args.queue, args.reason).ids() if args.all else args.ids
+    if args.dry_run:
+        for letter_id in ids:
+            row = dead_letters.get_dead_letter(letter_id)
+            if row is not None:
+                _print_dead_letter(row)
+        print(f"would replay {len(ids)} dead letter(s)")
+        return 0
+    replayer = Replayer(settings)
+    try:
+        done, problems = replayer.replay_all(ids)
+    finally:
+        with contextlib.suppress(Exception):
+            replayer.close()
+    for row in done:
+        print(f"replayed dead letter {row.id}")
+    for problem in problems:
+        print(f"herald: {problem}", file=sys.stderr)
+    if args.all:
+        print(f"replayed {len(done)} of {len(ids)} dead letter(s)")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from metrics import DEAD_LETTERS
@@ -59,6 +58,3 @@ def list_dead_letters(*, limit: int = 100, include_replayed: bool = False) -> li
 def get_dead_letter(letter_id: int) -> DeadLetter | None:
     return DeadLetter.get_or_none(DeadLetter.id == letter_id)
 
-
-def mark_replayed(letter_id: int) -> None:
-    DeadLetter.update(replayed_at=time.time()).where(DeadLetter.id == letter_id).execute()

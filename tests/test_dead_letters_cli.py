@@ -69,3 +69,83 @@ def test_replay_a_queue_message_onto_rabbitmq(tmp_path: Path) -> None:
         assert rabbit_queue_depth(env["BROKER_URL"], "email") == 1
         assert "(replayed)" in _cli(env, "list", "--all").stdout
         assert _cli(env, "list").stdout.strip() == "no dead letters"
+
+
+def _email_letter(database_url: str, reason: str, topic: str) -> int:
+    event = message_event(7, channels=("email",), topic=topic)
+    return _store(database_url, kind="queue_message", queue="email", reason=reason,
+                  payload={"queue": "email", "actor": "email", "args": [event], "kwargs": {}},
+                  attempts=10, user_id=7)
+
+
+def _email_depth(broker_url: str) -> int:
+    try:
+        return rabbit_queue_depth(broker_url, "email")
+    except Exception:  # never declared: nothing was sent
+        return 0
+
+
+def test_replay_all_sends_what_the_filters_select_and_nothing_else(tmp_path: Path) -> None:
+    """After an outage: replay every letter whose reason says timeout, oldest first; a
+    device a provider refused is never replayed."""
+    with backend_env("production", tmp_path) as env:
+        first = _email_letter(env["DATABASE_URL"], "gave up after 10 tries: timeout", "a")
+        second = _email_letter(env["DATABASE_URL"], "gave up after 10 tries: timeout", "b")
+        other = _email_letter(env["DATABASE_URL"], "refused: 503 Service Unavailable", "c")
+        _store(env["DATABASE_URL"], kind="push_device", reason="apns: BadDeviceToken",
+               payload={"user_id": 7, "device_id": 1}, attempts=1, user_id=7)
+
+        dry = _cli(env, "replay", "--all", "--reason", "timeout", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would replay 2 dead letter(s)" in dry.stdout
+        assert _email_depth(env["BROKER_URL"]) == 0
+        assert len(_cli(env, "list").stdout.strip().splitlines()) == 4
+
+        selected = _cli(env, "replay", "--all", "--reason", "timeout")
+        assert selected.returncode == 0, selected.stderr
+        assert selected.stdout.splitlines() == [
+            f"replayed dead letter {first}", f"replayed dead letter {second}",
+            "replayed 2 of 2 dead letter(s)"]
+        assert _email_depth(env["BROKER_URL"]) == 2
+        left = _cli(env, "list").stdout
+        assert "503 Service Unavailable" in left and "BadDeviceToken" in left
+        assert "timeout" not in left
+
+        rest = _cli(env, "replay", "--all")
+        assert rest.returncode == 0, rest.stderr
+        assert rest.stdout.splitlines() == [f"replayed dead letter {other}",
+                                            "replayed 1 of 1 dead letter(s)"]
+        assert _email_depth(env["BROKER_URL"]) == 3
+        assert _cli(env, "list").stdout.strip().splitlines()[0].split()[3] == "push_device"
+
+
+def test_replay_by_ids_says_which_could_not_be(tmp_path: Path) -> None:
+    with backend_env("production", tmp_path) as env:
+        done = _email_letter(env["DATABASE_URL"], "timeout", "a")
+        assert _cli(env, "replay", str(done)).returncode == 0
+        fresh = _email_letter(env["DATABASE_URL"], "timeout", "b")
+        both = _cli(env, "replay", str(done), str(fresh), "999")
+        assert both.returncode == 1
+        assert both.stdout.splitlines() == [f"replayed dead letter {fresh}"]
+        assert f"dead letter {done} was already replayed" in both.stderr
+        assert "no dead letter 999" in both.stderr
+        assert _email_depth(env["BROKER_URL"]) == 2
+        assert _cli(env, "replay", "--reason", "timeout", str(fresh)).returncode == 2
+        assert _cli(env, "replay").returncode == 2
+
+
+def test_a_replay_the_broker_cannot_take_leaves_the_letters_as_they_were(
+    tmp_path: Path,
+) -> None:
+    with backend_env("production", tmp_path) as env:
+        letters = [_email_letter(env["DATABASE_URL"], "timeout", t) for t in ("a", "b")]
+        unreachable = {**env, "BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
+        failed = _cli(unreachable, "replay", "--all")
+        assert failed.returncode == 1
+        assert f"dead letter {letters[0]}: not sent, left as it was" in failed.stderr
+        assert "1 more not tried" in failed.stderr
+        assert "replayed 0 of 2 dead letter(s)" in failed.stdout
+        assert "(replayed)" not in _cli(env, "list", "--all").stdout
+        again = _cli(env, "replay", "--all")  # the broker is back
+        assert again.returncode == 0, again.stderr
+        assert _email_depth(env["BROKER_URL"]) == 2

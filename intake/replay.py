@@ -1,0 +1,167 @@
+"""Sending dead letters' work again: one letter, a list of them, or every one a filter
+selects (after an outage, say).
+
+A letter is claimed before its work is sent (its `replayed_at` is set only if it was
+still unset), so two operators replaying at once never send one letter twice; if the
+send fails, the claim is taken back and the letter stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+
+from intake import dead_letters
+from models import DeadLetter, db
+from settings import Settings
+
+# The kinds whose work can be sent again (a device a provider refused cannot).
+REPLAYABLE_KINDS = (dead_letters.KIND_QUEUE_MESSAGE, dead_letters.KIND_EMAIL_BATCH)
+
+
+class ReplayRefused(Exception):
+    """This letter's work cannot be sent again; the message says why."""
+
+
+class ReplayFailed(Exception):
+    """Sending this letter's work failed (the broker, most likely); the letter is as it
+    was, and the letters after it are not tried."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which letters `--all` replays: not yet replayed, of a replayable kind, and
+    matching every filter given."""
+
+    kind: str | None = None
+    queue: str | None = None
+    # Part of the reason, e.g. "timeout" or "503".
+    reason: str | None = None
+
+    def ids(self) -> list[int]:
+        query = DeadLetter.select(DeadLetter.id).where(
+            DeadLetter.replayed_at.is_null() & DeadLetter.kind.in_(REPLAYABLE_KINDS)
+        )
+        if self.kind is not None:
+            query = query.where(DeadLetter.kind == self.kind)
+        if self.queue is not None:
+            query = query.where(DeadLetter.queue == self.queue)
+        if self.reason is not None:
+            query = query.where(DeadLetter.reason.contains(self.reason))
+        return [row.id for row in query.order_by(DeadLetter.id)]
+
+
+class Replayer:
+    """Replays dead letters, oldest first, through one broker connection.
+
+    Parameters:
+      settings: `BROKER_URL` (needed for queue messages; without it, only email
+        batches can be replayed, straight into the database) and `PUSH_SHARDS`.
+
+    Runs on the caller's thread, which must have the database open; `close()` closes
+    the broker connection if one was made.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._broker: dramatiq.Broker | None = None
+
+    def replay(self, letter_id: int) -> DeadLetter:
+        """Send letter `letter_id`'s work again and mark it replayed; raises
+        `ReplayRefused` (and changes nothing) when that cannot be done."""
+        row = dead_letters.get_dead_letter(letter_id)
+        if row is None:
+            raise ReplayRefused(f"no dead letter {letter_id}")
+        if row.kind not in REPLAYABLE_KINDS:
+            raise ReplayRefused(f"dead letter {row.id} is of kind {row.kind}, which cannot be "
+                                "replayed (the provider refused it permanently)")
+        if row.replayed_at is not None:
+            raise ReplayRefused(f"dead letter {row.id} was already replayed")
+        payload = json.loads(row.payload)
+        if row.kind == dead_letters.KIND_EMAIL_BATCH and not self.settings.BROKER_URL:
+            # Embedded default: the rows go back in the same transaction as the claim;
+            # the running herald's sweep picks them up.
+            from actors._batch_store import restore_rows
+
+            with db.atomic():
+                self._claim(row)
+                restore_rows(payload["user_id"], payload["rows"], time.time())
+            return row
+        if not self.settings.BROKER_URL:
+            raise ReplayRefused(
+                f"dead letter {row.id}: replaying a queue message needs BROKER_URL (the "
+                "in-process broker lives in the running herald); POST its event to "
+                "/v1/events instead:\n" + json.dumps(payload.get("args", [None])[0]))
+        self._claim(row)
+        try:
+            self._send(row.kind, payload)
+        except Exception as exc:
+            self._unclaim(row)
+            raise ReplayFailed(f"dead letter {row.id}: not sent, left as it was "
+                               f"({type(exc).__name__}: {exc})") from exc
+        except BaseException:
+            self._unclaim(row)
+            raise
+        return row
+
+    def replay_all(self, ids: Sequence[int]) -> tuple[list[DeadLetter], list[str]]:
+        """Replay each of `ids` in turn; returns the letters replayed and, for the
+        others, why not. Stops at the first that could not be sent."""
+        done: list[DeadLetter] = []
+        problems: list[str] = []
+        for position, letter_id in enumerate(ids):
+            try:
+                done.append(self.replay(letter_id))
+            except ReplayRefused as exc:
+                problems.append(str(exc))
+            except ReplayFailed as exc:
+                problems.append(str(exc))
+                if position + 1 < len(ids):
+                    problems.append(f"{len(ids) - position - 1} more not tried")
+                break
+        return done, problems
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+    def _send(self, kind: str, payload: dict[str, Any]) -> None:
+        from intake.consumers import COMMAND_REPLAY_EMAIL_BATCH
+        from intake.publisher import Publisher
+        from intake.queues import EMAIL_ACTOR, EMAIL_QUEUE
+
+        broker = self._connect()
+        if kind == dead_letters.KIND_EMAIL_BATCH:
+            Publisher(broker, self.settings.PUSH_SHARDS).command(
+                EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REPLAY_EMAIL_BATCH, payload)
+        else:
+            broker.enqueue(dramatiq.Message(
+                queue_name=payload["queue"], actor_name=payload["actor"],
+                args=tuple(payload["args"]), kwargs=payload.get("kwargs", {}), options={}))
+
+    def _connect(self) -> dramatiq.Broker:
+        if self._broker is None:
+            from intake.broker import make_broker
+            from intake.consumers import Consumers
+
+            self._broker = make_broker(self.settings)
+            Consumers(self._broker, self.settings.PUSH_SHARDS)  # declares the queues
+        return self._broker
+
+    @staticmethod
+    def _claim(row: DeadLetter) -> None:
+        claimed = DeadLetter.update(replayed_at=time.time()).where(
+            (DeadLetter.id == row.id) & DeadLetter.replayed_at.is_null()
+        ).execute()
+        if not claimed:
+            raise ReplayRefused(f"dead letter {row.id} was already replayed")
+
+    @staticmethod
+    def _unclaim(row: DeadLetter) -> None:
+        DeadLetter.update(replayed_at=None).where(DeadLetter.id == row.id).execute()
