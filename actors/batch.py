@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import peewee as pw
 import pykka
 from dramatiq.common import compute_backoff
 
@@ -46,6 +47,11 @@ logger = logging.getLogger("herald.email")
 # How often the router looks for pending users it has no actor for (seconds): rows
 # written by a worker that died, or whose lease ran out.
 SWEEP_INTERVAL_SECONDS = 60.0
+# The longest wait before a flush tries its failed database call again (seconds).
+DB_RETRY_MAX_SECONDS = 30.0
+# Errors that say the database could not be reached or was busy (a restart, a failover,
+# a dropped connection, a locked SQLite file), not that the request was wrong.
+DATABASE_UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 
 
 # Messages ------------------------------------------------------------------------------
@@ -67,6 +73,28 @@ class FlushNow:
 @dataclass(frozen=True)
 class _Fire:
     token: int
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """The claim a flush asks the claimer for."""
+
+    forced: bool
+
+
+@dataclass(frozen=True)
+class _Settle:
+    """The settle a flush asks the claimer for, once its emails are out."""
+
+    claim_id: str
+    sent: list[int] | None
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Ask the claimer again for what failed: a `_Claim` or a `_Settle`."""
+
+    request: _Claim | _Settle
 
 
 @dataclass(frozen=True)
@@ -159,6 +187,10 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._flush_started = 0.0
         # A "flush now" that came while a send was in flight: done when that send ends.
         self._flush_requested = False
+        # What the claimer is serving for the flush in flight, to ask again if the
+        # database call fails, and how many times in a row it has.
+        self._request: _Claim | _Settle | None = None
+        self._db_failures = 0
 
     # Pykka hooks (pool thread) ---------------------------------------------------------
 
@@ -175,14 +207,18 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                 self._timer = None
                 self._flush(forced=False)
         elif isinstance(message, Claimed):
+            self._db_failures = 0
             self._claimed(message)
         elif isinstance(message, _Sent):
             self._sent(message)
         elif isinstance(message, Settled):
+            self._db_failures = 0
+            self._request = None
             self._done(message.wakeup)
         elif isinstance(message, ClaimFailed):
-            self._busy = False
-            raise message.exc_info[1]
+            self._retry_later(message.exc_info[1])
+        elif isinstance(message, _Retry):
+            self._ask_claimer(message.request)
         self._maybe_retire()
         return None
 
@@ -224,7 +260,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._busy = True
         self._flush_started = self._deadline or time.time()
         self._cancel_timer()
-        self.ctx.claimer.claim(self.user_id, forced, self.actor_ref)
+        self._ask_claimer(_Claim(forced))
 
     def _claimed(self, message: Claimed) -> None:
         batch = message.batch
@@ -233,7 +269,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             return
         user = batch.user
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
-            self.ctx.claimer.settle(self.user_id, batch.claim_id, None, self.actor_ref)
+            self._ask_claimer(_Settle(batch.claim_id, None))
             return
         emails = self._render(user, batch)
         claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
@@ -289,8 +325,32 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                 self._dead_letter(outcome, 1, outcome.reason)
         # Everything sent: the claim's rows all go. Else only the sent ones (the failed
         # ones were handed back or dead-lettered above).
-        self.ctx.claimer.settle(self.user_id, message.claim_id, sent if failed else None,
-                                self.actor_ref)
+        self._ask_claimer(_Settle(message.claim_id, sent if failed else None))
+
+    def _ask_claimer(self, request: _Claim | _Settle) -> None:
+        self._request = request
+        if isinstance(request, _Claim):
+            self.ctx.claimer.claim(self.user_id, request.forced, self.actor_ref)
+        else:
+            self.ctx.claimer.settle(self.user_id, request.claim_id, request.sent,
+                                    self.actor_ref)
+
+    def _retry_later(self, error: BaseException) -> None:
+        """The claimer's database call for this flush failed. When the database was
+        out of reach, ask again after a backoff: a restart or failover must not crash
+        every actor whose batch falls due meanwhile, and a settle asked again keeps
+        the sent rows from going out twice. Anything else crashes the actor, so that
+        its supervisor restarts it from the database."""
+        if not isinstance(error, DATABASE_UNAVAILABLE) or self._request is None:
+            self._busy = False
+            raise error
+        self._db_failures += 1
+        delay = min(DB_RETRY_MAX_SECONDS,
+                    _backoff_seconds(self.ctx.settings, self._db_failures - 1))
+        logger.warning("email for user %s: the database call failed (%s), trying again "
+                       "in %.1fs", self.user_id, type(error).__name__, delay)
+        retry, me = _Retry(self._request), self.actor_ref
+        self.ctx.timers.call_later(delay, lambda: _tell(me, retry))
 
     def _done(self, wakeup: float | None) -> None:
         """The flush in flight is over; `wakeup` is when to look again."""

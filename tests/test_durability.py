@@ -3,13 +3,17 @@ SIGTERM drains and exits 0. Real processes, real brokers, real databases."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
+import functools
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,13 +128,13 @@ class _SlowFcmRig:
 
 
 @contextlib.contextmanager
-def _slow_fcm_rig(tmp_path: Path, delay: float) -> Iterator[_SlowFcmRig]:
+def _slow_fcm_rig(tmp_path: Path, delay: float, **extra: str) -> Iterator[_SlowFcmRig]:
     fake = FakeFcm(delay=delay)
     base = fake.start()
     try:
         credentials = fake.new_service_account(tmp_path)
         with backend_env("production", tmp_path) as env:
-            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base}
+            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base, **extra}
             rig = _SlowFcmRig(fake, env, tmp_path)
             try:
                 yield rig
@@ -161,6 +165,151 @@ def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
                        what="the redelivered push to be accepted")
             wait_until(lambda: rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0") == 0,
                        what="the queue to drain")
+
+
+def _has_at_least(outbox: Path, count: int) -> bool:
+    return len(_outbox(outbox)) >= count
+
+
+def _drop_connections_since(started: float) -> int:
+    """Terminate every PostgreSQL connection opened after `started` (a restart or a
+    failover, as herald's processes see it); returns how many."""
+    import psycopg2
+
+    from tests.harness import PG_ADMIN_URL
+
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    conn.autocommit = True
+    try:
+        cursor = conn.cursor()
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_start > to_timestamp(%s)", [started])
+        return int(cursor.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
+    """PostgreSQL drops every connection of the web and the worker (a restart, a
+    failover, an idle-connection killer): the events that come next are still pushed
+    and emailed, each once, and nothing is dead-lettered."""
+    outbox = tmp_path / "outbox"
+    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
+                       RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
+        started = time.time()
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            _put_user(client, period=1)
+            response = client.post(f"/v1/users/{USER}/devices",
+                                   json={"kind": "fcm", "token": "tok-1"})
+            assert response.status_code == 201, response.text
+            first = message_event(USER, topic="before")
+            assert client.post("/v1/events", json=first).status_code == 202
+            wait_until(lambda: len(rig.fake.requests) == 1 and len(_outbox(outbox)) == 1,
+                       timeout=30, what="the first push and email")
+
+            assert _drop_connections_since(started) > 0
+            second = message_event(USER, topic="after")
+            response = client.post("/v1/events", json=second)
+            assert response.status_code == 202, response.text
+
+            wait_until(lambda: len(rig.fake.requests) == 2 and len(_outbox(outbox)) == 2,
+                       timeout=60, what="the second push and email")
+            time.sleep(2.0)  # time for a duplicate to show, were there one
+            assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
+                str(first["message"]["id"]), str(second["message"]["id"])]
+            assert sorted(m["Subject"] for m in _outbox(outbox)) == [
+                "#design > after", "#design > before"]
+            assert rig.receipts() == 2
+            for queue in ("push.shard0", "email"):
+                assert rabbit_queue_depth(rig.env["BROKER_URL"], queue) == 0
+            assert "dead letter" not in "".join(p.output() for p in rig.processes)
+            # The batch's flush waited for the database instead of crashing its actor.
+            assert "crashed" not in worker.output()
+
+
+def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path) -> None:
+    """Many users' email batches fall due together just as PostgreSQL drops every
+    connection: their flushes wait and try again instead of crashing their actors (so
+    a blip does not use up the supervisor's restart budget), and each user gets one
+    email per batch."""
+    users = list(range(100, 130))
+    outbox = tmp_path / "outbox"
+    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox)) as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            for user in users:
+                _put_user(client, period=3, user=user)
+            for round_ in (1, 2):
+                started = time.time()
+                events = [message_event(u, channels=("email",), topic=f"r{round_}")
+                          for u in users]
+                assert client.post("/v1/events", json={"events": events}).status_code == 202
+                wait_until(lambda: all(client.get(f"/v1/users/{u}/pending").json()["pending"]
+                                       for u in users), timeout=20, what="every batch to open")
+                if round_ == 2:
+                    # Every connection the first round used is dropped just before the
+                    # second round's batches fall due.
+                    time.sleep(max(0.0, started + 3 - 0.3 - time.time()))
+                    assert _drop_connections_since(started - 60) > 0
+                wait_until(functools.partial(_has_at_least, outbox, len(users) * round_),
+                           timeout=90, what=f"an email for every user, round {round_}")
+        time.sleep(2.0)  # time for a duplicate to show, were there one
+        sent = sorted((str(m["To"]), str(m["Subject"])) for m in _outbox(outbox))
+        assert sent == sorted((f"Ada <user{u}@example.com>", f"#design > r{r}")
+                              for u in users for r in (1, 2))
+        log = worker.output()
+        assert "crashed" not in log and "restarting" not in log, log
+
+
+class _DropsTheDatabaseMidSend:
+    """An aiosmtpd handler that, while herald's first email is in its hands, drops
+    every PostgreSQL connection opened since `since`, then accepts the email."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.received: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.received:
+            await asyncio.to_thread(_drop_connections_since, self.since)
+        self.received.append(bytes(envelope.original_content or b""))
+        return "250 Message accepted for delivery"
+
+
+def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The database drops its connections while an email is on its way: the email is
+    out, so the flush records that once the database answers again. The rows do not
+    wait out their claim's lease to be sent a second time."""
+    from aiosmtpd.controller import Controller
+
+    handler = _DropsTheDatabaseMidSend(time.time())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        with _slow_fcm_rig(tmp_path, delay=0.0, SMTP_URL=f"smtp://127.0.0.1:{port}",
+                           RETRY_MIN_BACKOFF_MS="200") as rig:
+            web, worker = rig.spawn("web"), rig.spawn("worker")
+            with web.client() as client:
+                _put_user(client, period=1)
+                event = message_event(USER, channels=("email",))
+                assert client.post("/v1/events", json=event).status_code == 202
+                wait_until(lambda: handler.received, timeout=30, what="the email")
+                # Settled: nothing left pending for the user, well within the lease.
+                wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
+                    "pending"] == [], timeout=20, what="the sent rows to be settled")
+            time.sleep(1.0)
+            assert len(handler.received) == 1
+            assert "crashed" not in worker.output()
+    finally:
+        controller.stop()
 
 
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
