@@ -9,6 +9,7 @@ import email
 import functools
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -262,6 +263,50 @@ def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path
                               for u in users for r in (1, 2))
         log = worker.output()
         assert "crashed" not in log and "restarting" not in log, log
+
+
+def test_lost_broker_connections_lose_no_event(tmp_path: Path) -> None:
+    """RabbitMQ closes every connection of the web and the worker (a broker restart, a
+    load balancer): both reconnect, the next events are pushed and emailed once, and
+    nothing is dead-lettered."""
+    outbox = tmp_path / "outbox"
+    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
+                       RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        vhost = rig.env["BROKER_URL"].rsplit("/", 1)[1]
+        with web.client() as client:
+            rig.user_with_device(client, USER, "tok-1")
+            _put_user(client, period=1)
+            first = message_event(USER, topic="before")
+            assert client.post("/v1/events", json=first).status_code == 202
+            wait_until(lambda: len(rig.fake.requests) == 1 and len(_outbox(outbox)) == 1,
+                       timeout=30, what="the first push and email")
+
+            subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost,
+                            "test: broker restart"], check=True, capture_output=True)
+            second = message_event(USER, topic="after")
+            response = wait_until(lambda: _accepted(client, second), timeout=30,
+                                  what="the web to publish again")
+            assert response.status_code == 202, response.text
+
+            wait_until(lambda: len(rig.fake.requests) == 2 and len(_outbox(outbox)) == 2,
+                       timeout=60, what="the second push and email")
+            time.sleep(2.0)  # time for a duplicate to show, were there one
+            assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
+                str(first["message"]["id"]), str(second["message"]["id"])]
+            assert sorted(m["Subject"] for m in _outbox(outbox)) == [
+                "#design > after", "#design > before"]
+            for queue in ("push.shard0", "email"):
+                assert rabbit_queue_depth(rig.env["BROKER_URL"], queue) == 0
+            assert "dead letter" not in "".join(p.output() for p in rig.processes)
+            assert worker.proc is not None and worker.proc.poll() is None
+
+
+def _accepted(client: httpx.Client, event: dict[str, Any]) -> httpx.Response | None:
+    """POST `event`; the answer, or None for a 503 (the broker is unavailable: the
+    client is told to retry, and nothing was queued)."""
+    response = client.post("/v1/events", json=event)
+    return None if response.status_code == 503 else response
 
 
 class _DropsTheDatabaseMidSend:
