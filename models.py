@@ -307,6 +307,11 @@ def write_transaction() -> Iterator[None]:
             yield
 
 
+# Errors that say the database could not be reached or was busy (a restart, a failover,
+# a dropped connection, a locked SQLite file), not that the request was wrong: trying
+# the same call again later is right.
+DATABASE_UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 

@@ -33,6 +33,7 @@ from delivery.outcomes import (
 )
 from events import MessageDeletedEvent, MessageEvent, ReadEvent
 from metrics import PUSH_LATENCY, PUSHES
+from models import DATABASE_UNAVAILABLE
 from rendering.push import (
     Recipient,
     apns_payload,
@@ -57,6 +58,11 @@ DB_THREADS = 4
 DB_BATCH_MAX = 500
 # Seconds to wait for the event loop to start or finish.
 LOOP_WAIT_SECONDS = 10.0
+# How long the outcome of sends already made is tried again while the database is out
+# of reach (seconds), and the longest wait between tries: well inside the consumer's
+# hand-off timeout, after which the event would be retried and sent twice.
+RECORD_PATIENCE_SECONDS = 60.0
+RECORD_RETRY_MAX_SECONDS = 5.0
 
 
 @dataclass
@@ -100,7 +106,9 @@ class PushEngine:
         self._apns_cap: asyncio.Semaphore | None = None
         self._fcm_cap: asyncio.Semaphore | None = None
         self._plan = _Batched(self._run_db, store.plan_pushes)
-        self._record = _Batched(self._run_db, _record_all)
+        # What was sent is recorded even through a database restart: a record given up
+        # on would retry the event and send its pushes a second time.
+        self._record = _Batched(self._run_db_patiently, _record_all)
 
     # Lifecycle (called from the PushActor's thread) --------------------------------
 
@@ -169,6 +177,21 @@ class PushEngine:
     async def _run_db(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db, lambda: store.in_connection(fn, *args))
+
+    async def _run_db_patiently(self, fn: Callable[..., T], *args: Any) -> T:
+        """`_run_db`, tried again with a backoff while the database is out of reach."""
+        deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                return await self._run_db(fn, *args)
+            except DATABASE_UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("push shard %d: recording outcomes failed (%s), trying again "
+                               "in %.1fs", self.shard, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(RECORD_RETRY_MAX_SECONDS, delay * 2)
 
     @contextlib.asynccontextmanager
     async def _serialised(self, key: Any) -> AsyncIterator[None]:
@@ -372,7 +395,8 @@ class _Batched:
 
     Calls that arrive while a batch is in the database wait and go together in the
     next one, so the batch grows with the load and a lone call is not held back. A
-    batch that fails is retried one call at a time, so one bad call fails alone.
+    batch that fails is retried one call at a time, so one bad call fails alone (not
+    when the database was out of reach: then every call fails with it).
     Runs on the engine's loop.
     """
 
@@ -404,9 +428,11 @@ class _Batched:
         try:
             results = await self._run_db(self._fn, [a for a, _ in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0][1].done():
-                    batch[0][1].set_exception(exc)
+            if len(batch) == 1 or isinstance(exc, DATABASE_UNAVAILABLE):
+                # Alone, or the database itself is away: one at a time would fail alike.
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
                 return
             for one in batch:
                 await self._run_batch([one])

@@ -65,14 +65,17 @@ def insert(head: str, values: Sequence[Sequence[Any]], tail: str = "") -> None:
     optional `ON CONFLICT ...` clause."""
     if not values:
         return
-    cursor = db.cursor()
-    if is_postgres():
-        from psycopg2.extras import execute_values
+    # The driver is called directly here: its errors become peewee's, as everywhere
+    # else, so that callers (and `in_thread_connection`) know a lost connection.
+    with pw.__exception_wrapper__:  # type: ignore[attr-defined]  # peewee has no stub for it
+        cursor = db.cursor()
+        if is_postgres():
+            from psycopg2.extras import execute_values
 
-        execute_values(cursor, f"{head} VALUES %s {tail}", values, page_size=INSERT_PAGE)
-    else:
-        marks = ", ".join("?" for _ in values[0])
-        cursor.executemany(f"{head} VALUES ({marks}) {tail}", values)
+            execute_values(cursor, f"{head} VALUES %s {tail}", values, page_size=INSERT_PAGE)
+        else:
+            marks = ", ".join("?" for _ in values[0])
+            cursor.executemany(f"{head} VALUES ({marks}) {tail}", values)
 
 
 def for_update() -> str:

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import peewee as pw
 import pykka
 from dramatiq.common import compute_backoff
 
@@ -36,7 +35,7 @@ from actors.runtime import PooledActor, TimerHandle, TimerWheel
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
 from intake import dead_letters
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
-from models import db, in_thread_connection
+from models import DATABASE_UNAVAILABLE, db, in_thread_connection
 from rendering.email import DigestItem, render_digest
 from rendering.push import Recipient
 from rendering.unsubscribe import unsubscribe_url
@@ -49,9 +48,6 @@ logger = logging.getLogger("herald.email")
 SWEEP_INTERVAL_SECONDS = 60.0
 # The longest wait before a flush tries its failed database call again (seconds).
 DB_RETRY_MAX_SECONDS = 30.0
-# Errors that say the database could not be reached or was busy (a restart, a failover,
-# a dropped connection, a locked SQLite file), not that the request was wrong.
-DATABASE_UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 
 
 # Messages ------------------------------------------------------------------------------

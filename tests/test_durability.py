@@ -309,6 +309,34 @@ def _accepted(client: httpx.Client, event: dict[str, Any]) -> httpx.Response | N
     return None if response.status_code == 503 else response
 
 
+def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The database drops its connections while a push waits for the provider's answer:
+    the push went out, so its receipt is written once the database answers again, the
+    message is acked, and the device is not sent the push a second time."""
+    with _slow_fcm_rig(tmp_path, delay=2.0, RETRY_MIN_BACKOFF_MS="200") as rig:
+        started = time.time()
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            rig.user_with_device(client, USER, "tok-1")
+            warm = message_event(USER, channels=("push",))  # opens the connections
+            assert client.post("/v1/events", json=warm).status_code == 202
+            wait_until(lambda: rig.receipts() == 1, timeout=30, what="the first receipt")
+            event = message_event(USER, channels=("push",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: rig.fake.arrived == ["tok-1", "tok-1"], timeout=15,
+                       what="the second send to reach the provider")
+            assert _drop_connections_since(started) > 0  # before the provider answers
+            wait_until(lambda: rig.receipts() == 2, timeout=60, what="its receipt")
+            wait_until(lambda: rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0") == 0,
+                       what="the message to be acked")
+            time.sleep(1.5)  # time for a second send to show, were there one
+            assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
+                str(warm["message"]["id"]), str(event["message"]["id"])]
+            assert "retrying" not in worker.output()
+
+
 class _DropsTheDatabaseMidSend:
     """An aiosmtpd handler that, while herald's first email is in its hands, drops
     every PostgreSQL connection opened since `since`, then accepts the email."""
