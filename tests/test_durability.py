@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,43 @@ def _drop_connections_since(started: float) -> int:
         conn.close()
 
 
+def _push_and_email_across(rig: _SlowFcmRig, outbox: Path,
+                           outage: Callable[[], None]) -> None:
+    """One event pushed and emailed, then `outage`, then another: each is pushed and
+    emailed once, nothing is left queued, nothing is dead-lettered."""
+    web = rig.spawn("web")
+    with web.client() as client:
+        rig.user_with_device(client, USER, "tok-1")
+        _put_user(client, period=1)
+        first = message_event(USER, topic="before")
+        assert client.post("/v1/events", json=first).status_code == 202
+        wait_until(lambda: len(rig.fake.requests) == 1 and len(_outbox(outbox)) == 1,
+                   timeout=30, what="the first push and email")
+        outage()
+        second = message_event(USER, topic="after")
+        response = wait_until(lambda: _accepted(client, second), timeout=30,
+                              what="the second event to be accepted")
+        assert response.status_code == 202, response.text
+        wait_until(lambda: len(rig.fake.requests) == 2 and len(_outbox(outbox)) == 2,
+                   timeout=60, what="the second push and email")
+    time.sleep(2.0)  # time for a duplicate to show, were there one
+    assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
+        str(first["message"]["id"]), str(second["message"]["id"])]
+    assert sorted(m["Subject"] for m in _outbox(outbox)) == [
+        "#design > after", "#design > before"]
+    assert rig.receipts() == 2
+    for queue in ("push.shard0", "email"):
+        assert rabbit_queue_depth(rig.env["BROKER_URL"], queue) == 0
+    assert "dead letter" not in "".join(p.output() for p in rig.processes)
+
+
+def _accepted(client: httpx.Client, event: dict[str, Any]) -> httpx.Response | None:
+    """POST `event`; the answer, or None for a 503 (a dependency is unavailable: the
+    client is told to retry, and nothing was queued)."""
+    response = client.post("/v1/events", json=event)
+    return None if response.status_code == 503 else response
+
+
 def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
     """PostgreSQL drops every connection of the web and the worker (a restart, a
     failover, an idle-connection killer): the events that come next are still pushed
@@ -200,35 +237,15 @@ def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
     with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
                        RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
         started = time.time()
-        web, worker = rig.spawn("web"), rig.spawn("worker")
-        with web.client() as client:
-            _put_user(client, period=1)
-            response = client.post(f"/v1/users/{USER}/devices",
-                                   json={"kind": "fcm", "token": "tok-1"})
-            assert response.status_code == 201, response.text
-            first = message_event(USER, topic="before")
-            assert client.post("/v1/events", json=first).status_code == 202
-            wait_until(lambda: len(rig.fake.requests) == 1 and len(_outbox(outbox)) == 1,
-                       timeout=30, what="the first push and email")
+        worker = rig.spawn("worker")
+        _push_and_email_across(rig, outbox,
+                               lambda: _assert_some(_drop_connections_since(started)))
+        # The batch's flush waited for the database instead of crashing its actor.
+        assert "crashed" not in worker.output()
 
-            assert _drop_connections_since(started) > 0
-            second = message_event(USER, topic="after")
-            response = client.post("/v1/events", json=second)
-            assert response.status_code == 202, response.text
 
-            wait_until(lambda: len(rig.fake.requests) == 2 and len(_outbox(outbox)) == 2,
-                       timeout=60, what="the second push and email")
-            time.sleep(2.0)  # time for a duplicate to show, were there one
-            assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
-                str(first["message"]["id"]), str(second["message"]["id"])]
-            assert sorted(m["Subject"] for m in _outbox(outbox)) == [
-                "#design > after", "#design > before"]
-            assert rig.receipts() == 2
-            for queue in ("push.shard0", "email"):
-                assert rabbit_queue_depth(rig.env["BROKER_URL"], queue) == 0
-            assert "dead letter" not in "".join(p.output() for p in rig.processes)
-            # The batch's flush waited for the database instead of crashing its actor.
-            assert "crashed" not in worker.output()
+def _assert_some(count: int) -> None:
+    assert count > 0
 
 
 def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path) -> None:
@@ -272,41 +289,15 @@ def test_lost_broker_connections_lose_no_event(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
                        RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
-        web, worker = rig.spawn("web"), rig.spawn("worker")
+        worker = rig.spawn("worker")
         vhost = rig.env["BROKER_URL"].rsplit("/", 1)[1]
-        with web.client() as client:
-            rig.user_with_device(client, USER, "tok-1")
-            _put_user(client, period=1)
-            first = message_event(USER, topic="before")
-            assert client.post("/v1/events", json=first).status_code == 202
-            wait_until(lambda: len(rig.fake.requests) == 1 and len(_outbox(outbox)) == 1,
-                       timeout=30, what="the first push and email")
 
+        def close_connections() -> None:
             subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost,
                             "test: broker restart"], check=True, capture_output=True)
-            second = message_event(USER, topic="after")
-            response = wait_until(lambda: _accepted(client, second), timeout=30,
-                                  what="the web to publish again")
-            assert response.status_code == 202, response.text
 
-            wait_until(lambda: len(rig.fake.requests) == 2 and len(_outbox(outbox)) == 2,
-                       timeout=60, what="the second push and email")
-            time.sleep(2.0)  # time for a duplicate to show, were there one
-            assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
-                str(first["message"]["id"]), str(second["message"]["id"])]
-            assert sorted(m["Subject"] for m in _outbox(outbox)) == [
-                "#design > after", "#design > before"]
-            for queue in ("push.shard0", "email"):
-                assert rabbit_queue_depth(rig.env["BROKER_URL"], queue) == 0
-            assert "dead letter" not in "".join(p.output() for p in rig.processes)
-            assert worker.proc is not None and worker.proc.poll() is None
-
-
-def _accepted(client: httpx.Client, event: dict[str, Any]) -> httpx.Response | None:
-    """POST `event`; the answer, or None for a 503 (the broker is unavailable: the
-    client is told to retry, and nothing was queued)."""
-    response = client.post("/v1/events", json=event)
-    return None if response.status_code == 503 else response
+        _push_and_email_across(rig, outbox, close_connections)
+        assert worker.proc is not None and worker.proc.poll() is None
 
 
 def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
