@@ -13,8 +13,9 @@ Answers go back as messages (`Claimed`, `Settled`), so an actor never holds a po
 thread while it waits. When a batch is claimed for an actor that has stopped or
 crashed meanwhile, the claimer hands the rows straight back (`release`), so they do
 not wait out the claim's lease. When a group fails, each of its actors gets
-`ClaimFailed` and crashes on it, and its supervisor restarts it, which re-reads
-its state from the database: the same path as any other database error in an actor.
+`ClaimFailed`: if the database was out of reach, the actor hands its request back
+(`again`) after a backoff; otherwise it crashes, and its supervisor restarts it,
+which re-reads its state from the database.
 
 Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 """
@@ -64,7 +65,7 @@ class Settled:
 
 @dataclass(frozen=True)
 class ClaimFailed:
-    """The group holding this request failed; the actor should crash and restart."""
+    """The group holding this request failed (see the module's docstring)."""
 
     exc_info: ExcInfo
 
@@ -87,6 +88,10 @@ class _Settle:
     reply_to: pykka.ActorRef[Any]
 
 
+# A claim or a settle, as `claim` and `settle` return it.
+Request = _Claim | _Settle
+
+
 class BatchClaimer(GroupThread["_Claim | _Settle"]):
     """Serves flush claims and settles for many users at once, on one thread.
 
@@ -99,16 +104,25 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         self._worker_id = worker_id
         self._groups = itertools.count(1)
 
-    def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> None:
+    def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> Request:
         """Claim the user's due rows (all pending rows when `forced`); `reply_to` is
-        told `Claimed` (any thread)."""
-        self.put(_Claim(user_id, forced, reply_to))
+        told `Claimed` (any thread). Returns the request, for `again`."""
+        request = _Claim(user_id, forced, reply_to)
+        self.put(request)
+        return request
 
     def settle(self, user_id: int, claim_id: str, sent: list[int] | None,
-               reply_to: pykka.ActorRef[Any]) -> None:
+               reply_to: pykka.ActorRef[Any]) -> Request:
         """Delete the claim's sent rows (`None`: all it claimed); `reply_to` is told
-        `Settled` with the user's next wake-up (any thread)."""
-        self.put(_Settle(user_id, claim_id, sent, reply_to))
+        `Settled` with the user's next wake-up (any thread). Returns the request, for
+        `again`."""
+        request = _Settle(user_id, claim_id, sent, reply_to)
+        self.put(request)
+        return request
+
+    def again(self, request: Request) -> None:
+        """Serve a request that failed once more (any thread)."""
+        self.put(request)
 
     # The claimer thread -----------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from dramatiq.common import compute_backoff
 
 from actors import _batch_store as store
 from actors._batch_claimer import BatchClaimer, Claimed, ClaimFailed, Settled
+from actors._batch_claimer import Request as ClaimerRequest
 from actors._email_recorder import Recorded
 from actors._mail import MailDispatcher, SendOutcome
 from actors.runtime import PooledActor, TimerHandle, TimerWheel
@@ -72,25 +73,10 @@ class _Fire:
 
 
 @dataclass(frozen=True)
-class _Claim:
-    """The claim a flush asks the claimer for."""
-
-    forced: bool
-
-
-@dataclass(frozen=True)
-class _Settle:
-    """The settle a flush asks the claimer for, once its emails are out."""
-
-    claim_id: str
-    sent: list[int] | None
-
-
-@dataclass(frozen=True)
 class _Retry:
-    """Ask the claimer again for what failed: a `_Claim` or a `_Settle`."""
+    """Hand the claimer the request of the flush in flight again."""
 
-    request: _Claim | _Settle
+    request: ClaimerRequest
 
 
 @dataclass(frozen=True)
@@ -185,7 +171,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._flush_requested = False
         # What the claimer is serving for the flush in flight, to ask again if the
         # database call fails, and how many times in a row it has.
-        self._request: _Claim | _Settle | None = None
+        self._request: ClaimerRequest | None = None
         self._db_failures = 0
 
     # Pykka hooks (pool thread) ---------------------------------------------------------
@@ -214,7 +200,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         elif isinstance(message, ClaimFailed):
             self._retry_later(message.exc_info[1])
         elif isinstance(message, _Retry):
-            self._ask_claimer(message.request)
+            self.ctx.claimer.again(message.request)
         self._maybe_retire()
         return None
 
@@ -256,7 +242,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._busy = True
         self._flush_started = self._deadline or time.time()
         self._cancel_timer()
-        self._ask_claimer(_Claim(forced))
+        self._request = self.ctx.claimer.claim(self.user_id, forced, self.actor_ref)
 
     def _claimed(self, message: Claimed) -> None:
         batch = message.batch
@@ -265,7 +251,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             return
         user = batch.user
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
-            self._ask_claimer(_Settle(batch.claim_id, None))
+            self._settle(batch.claim_id, None)
             return
         emails = self._render(user, batch)
         claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
@@ -321,15 +307,10 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                 self._dead_letter(outcome, 1, outcome.reason)
         # Everything sent: the claim's rows all go. Else only the sent ones (the failed
         # ones were handed back or dead-lettered above).
-        self._ask_claimer(_Settle(message.claim_id, sent if failed else None))
+        self._settle(message.claim_id, sent if failed else None)
 
-    def _ask_claimer(self, request: _Claim | _Settle) -> None:
-        self._request = request
-        if isinstance(request, _Claim):
-            self.ctx.claimer.claim(self.user_id, request.forced, self.actor_ref)
-        else:
-            self.ctx.claimer.settle(self.user_id, request.claim_id, request.sent,
-                                    self.actor_ref)
+    def _settle(self, claim_id: str, sent: list[int] | None) -> None:
+        self._request = self.ctx.claimer.settle(self.user_id, claim_id, sent, self.actor_ref)
 
     def _retry_later(self, error: BaseException) -> None:
         """The claimer's database call for this flush failed. When the database was
