@@ -11,7 +11,8 @@
 SIGTERM (or Ctrl-C) drains: the API stops taking requests, the Dramatiq worker
 finishes the messages in hand and hands the prefetched ones back to the broker, the
 actor tree finishes in-flight sends; then the process exits 0. If the root
-supervisor's restart budget is spent, the process exits 70 for its manager to restart.
+supervisor's restart budget is spent, the process exits 70 for its manager to restart;
+if the database cannot be reached at start-up, it exits 75 with one line saying why.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 # Exit statuses: a configuration error, a command line that makes no sense (both as
-# argparse's own), and a supervisor that gave up.
+# argparse's own), a supervisor that gave up, and a database out of reach at start-up
+# (sysexits' EX_TEMPFAIL: starting again later may work).
 EXIT_CONFIG = 2
 EXIT_USAGE = 2
 EXIT_GAVE_UP = 70
+EXIT_UNAVAILABLE = 75
 # How long a draining worker waits for messages in hand (milliseconds).
 DRAIN_TIMEOUT_MS = 60_000
 
@@ -292,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"herald: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
+    from models import DATABASE_UNAVAILABLE
+
+    try:
+        return _start(settings, mode, args)
+    except DATABASE_UNAVAILABLE as exc:
+        # Only start-up gets here: once running, database errors are retried inside.
+        reason = " ".join(str(exc).split())[:300]
+        print(f"herald: database unavailable: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _start(settings: Any, mode: str, args: argparse.Namespace) -> int:
+    from settings import load_settings
 
     if mode == "migrate":
         import models

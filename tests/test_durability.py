@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import email
 import functools
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import pytest
 
 from tests.conftest import message_event
 from tests.fakes.fcm import FakeFcm
-from tests.harness import HeraldProcess, backend_env, rabbit_queue_depth, wait_until
+from tests.harness import ROOT, HeraldProcess, backend_env, rabbit_queue_depth, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -427,6 +429,20 @@ def test_sigterm_finishes_the_push_in_flight_and_hands_back_the_rest(tmp_path: P
                        what="the queue to drain")
             assert sorted(str(r.token) for r in rig.fake.requests) == ["later-1", "slow-1"]
             assert restarted.terminate() == 0
+
+
+@pytest.mark.parametrize("command", [["worker"], ["migrate"], ["dead-letters", "list"]])
+def test_an_unreachable_database_at_start_up_stops_with_one_line(
+    tmp_path: Path, command: list[str],
+) -> None:
+    env = {**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/test",
+           "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "supervisor.py"), *command], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 75
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herald: database unavailable: ")
+    assert "127.0.0.1" in lines[0] and "Traceback" not in done.stderr
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
