@@ -250,7 +250,7 @@ def _print_dead_letter(row: Any) -> None:
 
 def _replay(settings: Any, args: argparse.Namespace) -> int:
     from intake import dead_letters
-    from intake.replay import Replayer, Selection
+    from intake.replay import Replayer, Selection, replayable
 
     filters = args.kind or args.queue or args.reason
     if bool(args.ids) == bool(args.all) or (filters and not args.all):
@@ -259,11 +259,11 @@ def _replay(settings: Any, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     ids = Selection(args.kind, args.queue, args.reason).ids() if args.all else args.ids
     if args.dry_run:
-        for letter_id in ids:
-            row = dead_letters.get_dead_letter(letter_id)
-            if row is not None:
-                _print_dead_letter(row)
-        print(f"would replay {len(ids)} dead letter(s)")
+        rows = [dead_letters.get_dead_letter(letter_id) for letter_id in ids]
+        chosen = [row for row in rows if replayable(row)]
+        for row in chosen:
+            _print_dead_letter(row)
+        print(f"would replay {len(chosen)} dead letter(s)")
         return 0
     replayer = Replayer(settings)
     try:

@@ -56,6 +56,11 @@ class Selection:
         return [row.id for row in query.order_by(DeadLetter.id)]
 
 
+def replayable(row: DeadLetter | None) -> bool:
+    """Whether `replay` would send this letter's work (given a broker for its kind)."""
+    return row is not None and row.kind in REPLAYABLE_KINDS and row.replayed_at is None
+
+
 class Replayer:
     """Replays dead letters, oldest first, through one broker connection.
 
@@ -80,8 +85,6 @@ class Replayer:
         if row.kind not in REPLAYABLE_KINDS:
             raise ReplayRefused(f"dead letter {row.id} is of kind {row.kind}, which cannot be "
                                 "replayed (the provider refused it permanently)")
-        if row.replayed_at is not None:
-            raise ReplayRefused(f"dead letter {row.id} was already replayed")
         payload = json.loads(row.payload)
         if row.kind == dead_letters.KIND_EMAIL_BATCH and not self.settings.BROKER_URL:
             # Embedded default: the rows go back in the same transaction as the claim;
@@ -100,13 +103,12 @@ class Replayer:
         self._claim(row)
         try:
             self._send(row.kind, payload)
-        except Exception as exc:
+        except BaseException as exc:
             self._unclaim(row)
+            if not isinstance(exc, Exception):
+                raise
             raise ReplayFailed(f"dead letter {row.id}: not sent, left as it was "
                                f"({type(exc).__name__}: {exc})") from exc
-        except BaseException:
-            self._unclaim(row)
-            raise
         return row
 
     def replay_all(self, ids: Sequence[int]) -> tuple[list[DeadLetter], list[str]]:

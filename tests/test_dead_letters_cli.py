@@ -124,6 +124,10 @@ def test_replay_by_ids_says_which_could_not_be(tmp_path: Path) -> None:
         done = _email_letter(env["DATABASE_URL"], "timeout", "a")
         assert _cli(env, "replay", str(done)).returncode == 0
         fresh = _email_letter(env["DATABASE_URL"], "timeout", "b")
+        dry = _cli(env, "replay", "--dry-run", str(done), str(fresh), "999")
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines()[-1] == "would replay 1 dead letter(s)"
+        assert dry.stdout.splitlines()[0].split()[0] == str(fresh)
         both = _cli(env, "replay", str(done), str(fresh), "999")
         assert both.returncode == 1
         assert both.stdout.splitlines() == [f"replayed dead letter {fresh}"]
