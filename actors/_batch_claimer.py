@@ -1,30 +1,34 @@
 """Group claims for the email side: many UserBatchActors' flushes, one transaction.
 
 A flush needs the database twice: to claim the user's due rows (and load what
-rendering needs), and, once the emails are out, to delete the sent rows and find the
-next wake-up. Done one user at a time, those round trips and commits cost more than
-rendering the email. So a UserBatchActor does not query itself: it asks the
-`BatchClaimer`, and one claimer thread per process takes every request queued so far
-(up to `GROUP_MAX`) and serves them together: the settles in one transaction, the
-claims in another, each a few set-based statements whatever the group's size
-(`_batch_store.claim_batches`, `_batch_store.settle`).
+rendering needs), and, once the emails are out, to settle the claim (delete the sent
+rows, hand back or dead-letter the failed ones) and find the next wake-up. Done one
+user at a time, those round trips and commits cost more than rendering the email. So a
+UserBatchActor does not query itself: it asks the `BatchClaimer`, and one claimer
+thread per process takes every request queued so far (up to `GROUP_MAX`) and serves
+them together: the settles in one transaction, the claims in another, each a few
+set-based statements whatever the group's size (`_batch_store.claim_batches`,
+`_batch_store.settle`).
 
 Answers go back as messages (`Claimed`, `Settled`), so an actor never holds a pool
 thread while it waits. When a batch is claimed for an actor that has stopped or
 crashed meanwhile, the claimer hands the rows straight back (`release`), so they do
 not wait out the claim's lease. When a group fails, each of its actors gets
 `ClaimFailed`: if the database was out of reach, the actor hands its request back
-(`again`) after a backoff; otherwise it crashes, and its supervisor restarts it,
-which re-reads its state from the database.
+(`again`) after a backoff; otherwise it crashes, and its supervisor restarts it, which
+re-reads its state from the database. A settle whose actor has stopped meanwhile (a
+draining worker) is asked again by the claimer itself.
 
 Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -34,12 +38,14 @@ import pykka
 from actors import _batch_store as store
 from actors._group_thread import GroupThread
 from metrics import EMAIL_CLAIM_GROUP_SIZE
-from models import in_thread_connection
+from models import DATABASE_UNAVAILABLE, in_thread_connection
 
 logger = logging.getLogger("herald.email")
 
 # The most requests one group takes; bounds its locks and its statement sizes.
 GROUP_MAX = 500
+# How long the claimer waits before asking again a settle whose actor is gone (seconds).
+ORPHAN_RETRY_SECONDS = 5.0
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
@@ -82,9 +88,7 @@ class _Claim:
 
 @dataclass(frozen=True)
 class _Settle:
-    user_id: int
-    claim_id: str
-    sent: list[int] | None
+    settlement: store.Settlement
     reply_to: pykka.ActorRef[Any]
 
 
@@ -97,11 +101,17 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
 
     Parameters:
       worker_id: this process's name; its claim ids start with it.
+      policy: how often, and how far apart, a batch's email is tried.
+      schedule: `schedule(delay, fn)` runs `fn` after `delay` seconds (on any thread);
+        the claimer asks again through it a settle whose actor is gone.
     """
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, policy: store.RetryPolicy,
+                 schedule: Callable[[float, Callable[[], None]], Any]) -> None:
         super().__init__("herald-batch-claimer", GROUP_MAX)
         self._worker_id = worker_id
+        self._policy = policy
+        self._schedule = schedule
         self._groups = itertools.count(1)
 
     def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> Request:
@@ -111,12 +121,12 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         self.put(request)
         return request
 
-    def settle(self, user_id: int, claim_id: str, sent: list[int] | None,
-               reply_to: pykka.ActorRef[Any]) -> Request:
-        """Delete the claim's sent rows (`None`: all it claimed); `reply_to` is told
-        `Settled` with the user's next wake-up (any thread). Returns the request, for
+    def settle(self, settlement: store.Settlement, reply_to: pykka.ActorRef[Any]) -> Request:
+        """Record how the claim's flush ended (`_batch_store.settle`); `reply_to` is
+        told `Settled` with the user's next wake-up (any thread), or, if it has
+        stopped, the claimer sees the settle through itself. Returns the request, for
         `again`."""
-        request = _Settle(user_id, claim_id, sent, reply_to)
+        request = _Settle(settlement, reply_to)
         self.put(request)
         return request
 
@@ -145,15 +155,20 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
     def _settle(self, requests: list[_Settle]) -> None:
         try:
             wakeups = in_thread_connection(
-                store.settle, [(r.claim_id, r.sent) for r in requests],
-                sorted({r.user_id for r in requests}),
+                store.settle, [r.settlement for r in requests],
+                sorted({r.settlement.user_id for r in requests}), self._policy,
             )
-        except Exception:
+        except Exception as error:
             logger.exception("settling %d email claims failed", len(requests))
-            _fail(requests)
+            orphans = _fail(requests)
+            if isinstance(error, DATABASE_UNAVAILABLE):
+                # Their emails are out: the rows must not wait out the lease to go
+                # out again, and no actor is left to ask again for them.
+                for orphan in orphans:
+                    self._schedule(ORPHAN_RETRY_SECONDS, functools.partial(self.again, orphan))
             return
         for request in requests:
-            _tell(request.reply_to, Settled(wakeups.get(request.user_id)))
+            _tell(request.reply_to, Settled(wakeups.get(request.settlement.user_id)))
 
     def _claim(self, requests: list[_Claim]) -> None:
         group_id = f"{self._worker_id}:{next(self._groups):x}"
@@ -188,7 +203,8 @@ def _tell(ref: pykka.ActorRef[Any], message: Any) -> bool:
     return True
 
 
-def _fail(requests: list[_Claim] | list[_Settle]) -> None:
+def _fail(requests: Sequence[Request]) -> list[Request]:
+    """Tell each request's actor its group failed; return those whose actor is gone."""
     exc_info = sys.exc_info()
-    for request in requests:
-        _tell(request.reply_to, ClaimFailed(exc_info))  # type: ignore[arg-type]
+    return [request for request in requests
+            if not _tell(request.reply_to, ClaimFailed(exc_info))]  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ other worker can take them, and no write transaction is held while SMTP talks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from models import (
 from models import (
     ScheduledMessageNotificationEmail as Row,
 )
+
+logger = logging.getLogger("herald.email")
 
 # A flush's claim on its rows lasts this long; a worker that died mid-send lets go then.
 CLAIM_LEASE_SECONDS = 300.0
@@ -298,26 +301,91 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
+@dataclass(frozen=True)
+class Unsent:
+    """Rows of a claim whose email did not go out, and why."""
+
+    message_ids: list[int]
+    reason: str
+    # True: worth trying again later (a 4xx reply, a timeout); False: never (a 5xx).
+    transient: bool
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one claim's flush ended: the rows whose email went out (None: every row
+    the claim holds, sent or dropped), and those whose email did not. Rows it names
+    in neither stay claimed until the lease ends."""
+
+    claim_id: str
+    user_id: int
+    sent: list[int] | None
+    unsent: Sequence[Unsent] = ()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a batch's email is tried, and how long it waits between tries.
+
+    Parameters:
+      max_tries: tries before the rows are dead-lettered.
+      delay_for: seconds to wait after `tries` failed tries.
+    """
+
+    max_tries: int
+    delay_for: Callable[[int], float]
+
+
 def settle(
-    claims: Sequence[tuple[str, list[int] | None]], users: Sequence[int],
+    settlements: Sequence[Settlement], users: Sequence[int], policy: RetryPolicy,
     now: float | None = None,
 ) -> dict[int, float | None]:
-    """Delete the rows whose emails went out, for many claims at once, and return the
-    next wake-up of each of `users`.
+    """Record how many claims' flushes ended, in one transaction, and return the next
+    wake-up of each of `users`.
 
-    Each claim comes with the message ids it sent, or None when it sent (or dropped)
-    everything it claimed.
+    Sent rows are deleted. Rows whose email failed for a reason worth another try are
+    handed back, due after the policy's delay, until their tries run out; those rows,
+    and rows refused for good, move to the dead-letter store with the reason. All or
+    nothing: a flush whose settle fails (the database went away) asks again with the
+    same settlement, and nothing is recorded twice.
     """
-    whole = [claim_id for claim_id, sent in claims if sent is None]
-    partial = [(claim_id, sent) for claim_id, sent in claims if sent]
-    if whole or partial:
-        with db.atomic():
+    whole = [s.claim_id for s in settlements if s.sent is None and not s.unsent]
+    rest = [s for s in settlements if s.sent is not None or s.unsent]
+    if whole or rest:
+        # Reads the tries so far, then writes (see `write_transaction`).
+        with write_transaction():
             if whole:
                 sql.execute(f"DELETE FROM {_ROW} WHERE {sql.any_of('claimed_by')}",
                             [sql.texts(whole)])
-            for claim_id, sent in partial:
-                finish(claim_id, sent)
+            for settlement in rest:
+                _settle_partly(settlement, policy)
     return next_wakeups(users, now) if users else {}
+
+
+def _settle_partly(settlement: Settlement, policy: RetryPolicy) -> None:
+    claim_id, user_id = settlement.claim_id, settlement.user_id
+    if settlement.sent:
+        finish(claim_id, settlement.sent)
+    for unsent in settlement.unsent:
+        mine = (Row.claimed_by == claim_id) & Row.message_id.in_(unsent.message_ids)
+        tries = int(Row.select(pw.fn.MAX(Row.attempts)).where(mine).scalar() or 0) + 1
+        if unsent.transient and tries < policy.max_tries:
+            Row.update(
+                claimed_by=None, claimed_until=None, attempts=tries,
+                scheduled_timestamp=time.time() + policy.delay_for(tries),
+            ).where(mine).execute()
+            logger.info("email for user %s: try %d failed, will retry: %s",
+                        user_id, tries, unsent.reason[:200])
+            continue
+        reason = (f"gave up after {tries} tries: {unsent.reason}" if unsent.transient
+                  else unsent.reason)
+        rows = list(Row.select().where(mine))
+        dead_letters.record(
+            kind=dead_letters.KIND_EMAIL_BATCH, reason=reason,
+            payload={"user_id": user_id, "rows": rows_as_payload(rows)},
+            attempts=tries, user_id=user_id,
+        )
+        Row.delete().where(Row.id.in_([r.id for r in rows])).execute()
 
 
 def release(claim_id: str) -> None:
@@ -336,23 +404,6 @@ def finish(claim_id: str, message_ids: list[int]) -> None:
         f"DELETE FROM {_ROW} WHERE claimed_by = {p} AND {sql.any_of('message_id')}",
         [claim_id, sql.ids(message_ids)],
     )
-
-
-def retry_later(
-    claim_id: str, message_ids: list[int], delay_for: Callable[[int], float]
-) -> int:
-    """Count a failed try on claimed rows and hand them back, due after
-    `delay_for(tries)` seconds; returns the tries so far."""
-    mine = (Row.claimed_by == claim_id) & Row.message_id.in_(message_ids)
-    # Read, then write: on SQLite a deferred transaction could not upgrade to a writer
-    # once another connection has written ("database is locked", at once, no waiting).
-    with write_transaction():
-        tries = int(Row.select(pw.fn.MAX(Row.attempts)).where(mine).scalar() or 0) + 1
-        Row.update(
-            claimed_by=None, claimed_until=None, attempts=tries,
-            scheduled_timestamp=time.time() + delay_for(tries),
-        ).where(mine).execute()
-    return tries
 
 
 def drop_read(user_id: int, message_ids: list[int]) -> int:

@@ -34,9 +34,8 @@ from actors._email_recorder import Recorded
 from actors._mail import MailDispatcher, SendOutcome
 from actors.runtime import PooledActor, TimerHandle, TimerWheel
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
-from intake import dead_letters
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
-from models import DATABASE_UNAVAILABLE, db, in_thread_connection
+from models import DATABASE_UNAVAILABLE, in_thread_connection
 from rendering.email import DigestItem, render_digest
 from rendering.push import Recipient
 from rendering.unsubscribe import unsubscribe_url
@@ -180,8 +179,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         if isinstance(message, Rearm | FlushNow):
             self._handled += 1  # only what the router routed counts toward retiring
         if isinstance(message, Rearm):
-            known = message.deadline
-            self._arm(known if known is not None else _db(store.next_wakeup, self.user_id))
+            self._arm(message.deadline if message.deadline is not None
+                      else self._read_deadline())
         elif isinstance(message, FlushNow):
             self._flush(forced=True)
         elif isinstance(message, _Fire):
@@ -251,18 +250,19 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             return
         user = batch.user
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
-            self._settle(batch.claim_id, None)
+            self._settle(store.Settlement(batch.claim_id, self.user_id, None))
             return
         emails = self._render(user, batch)
         claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
+        user_id, claimer = self.user_id, self.ctx.claimer
 
         def done(outcomes: list[SendOutcome]) -> None:
             try:
                 me.tell(_Sent(claim_id, deadline, outcomes))
             except pykka.ActorDeadError:
                 # Stopped (a draining worker) or crashed mid-send: settle the claim
-                # here, or the sent rows would wait out the lease and go out again.
-                _db(_settle_orphaned_claim, claim_id, outcomes)
+                # anyway, or the sent rows would wait out the lease and go out again.
+                claimer.settle(_settlement(claim_id, user_id, outcomes), me)
 
         self.ctx.mail.send(emails, done)
 
@@ -284,33 +284,27 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         return out
 
     def _sent(self, message: _Sent) -> None:
-        settings = self.ctx.settings
-        sent = [i for o in message.outcomes if o.status == "sent" for i in o.message_ids]
+        sent = sum(1 for o in message.outcomes if o.status == "sent")
         if sent:
-            EMAILS_SENT.inc(sum(1 for o in message.outcomes if o.status == "sent"))
+            EMAILS_SENT.inc(sent)
             EMAIL_SEND_LATENESS.observe(max(0.0, time.time() - message.deadline))
-        failed = False
-        for outcome in message.outcomes:
-            if outcome.status == "sent":
-                continue
-            failed = True
-            if outcome.status == "transient":
-                attempts = _db(store.retry_later, message.claim_id, outcome.message_ids,
-                               lambda tries: _backoff_seconds(settings, tries - 1))
-                if attempts < settings.RETRY_MAX_TRIES:
-                    logger.info("email for user %s: try %d failed, will retry: %s",
-                                self.user_id, attempts, outcome.reason[:200])
-                    continue
-                self._dead_letter(outcome, attempts, f"gave up after {attempts} tries: "
-                                  f"{outcome.reason}")
-            else:
-                self._dead_letter(outcome, 1, outcome.reason)
-        # Everything sent: the claim's rows all go. Else only the sent ones (the failed
-        # ones were handed back or dead-lettered above).
-        self._settle(message.claim_id, sent if failed else None)
+        self._settle(_settlement(message.claim_id, self.user_id, message.outcomes))
 
-    def _settle(self, claim_id: str, sent: list[int] | None) -> None:
-        self._request = self.ctx.claimer.settle(self.user_id, claim_id, sent, self.actor_ref)
+    def _settle(self, settlement: store.Settlement) -> None:
+        self._request = self.ctx.claimer.settle(settlement, self.actor_ref)
+
+    def _read_deadline(self) -> float | None:
+        """The batch's deadline from the database; when the database is out of reach,
+        a moment from now: the flush then claims nothing yet, and its claim (which
+        waits for the database) answers with the deadline."""
+        try:
+            return _db(store.next_wakeup, self.user_id)  # type: ignore[no-any-return]
+        except DATABASE_UNAVAILABLE as error:
+            delay = _backoff_seconds(self.ctx.settings, 0)
+            logger.warning("email for user %s: could not read the batch's deadline (%s), "
+                           "looking again in %.1fs", self.user_id, type(error).__name__,
+                           delay)
+            return time.time() + delay
 
     def _retry_later(self, error: BaseException) -> None:
         """The claimer's database call for this flush failed. When the database was
@@ -337,21 +331,6 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             self._flush(forced=True)
             return
         self._arm(wakeup)
-
-    def _dead_letter(self, outcome: SendOutcome, attempts: int, reason: str) -> None:
-        def move() -> None:
-            rows = list(store.Row.select().where(
-                (store.Row.user_id == self.user_id)
-                & store.Row.message_id.in_(outcome.message_ids)))
-            with db.atomic():
-                dead_letters.record(
-                    kind=dead_letters.KIND_EMAIL_BATCH, reason=reason,
-                    payload={"user_id": self.user_id, "rows": store.rows_as_payload(rows)},
-                    attempts=attempts, user_id=self.user_id,
-                )
-                store.Row.delete().where(store.Row.id.in_([r.id for r in rows])).execute()
-
-        _db(move)
 
     def _maybe_retire(self) -> None:
         if self._timer is None and not self._busy:
@@ -503,16 +482,21 @@ def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
         pass
 
 
-def _settle_orphaned_claim(claim_id: str, outcomes: list[SendOutcome]) -> None:
-    """A send ended after its actor stopped: delete what went out, hand back the rest
-    (pending again, for the next actor of this user or the next worker's re-arm)."""
+def _settlement(claim_id: str, user_id: int,
+                outcomes: list[SendOutcome]) -> store.Settlement:
+    """How a flush ended, from its emails' outcomes."""
+    unsent = [store.Unsent(o.message_ids, o.reason, o.status == "transient")
+              for o in outcomes if o.status != "sent"]
+    if not unsent:
+        return store.Settlement(claim_id, user_id, None)
     sent = [i for o in outcomes if o.status == "sent" for i in o.message_ids]
-    with db.atomic():
-        if sent:
-            store.finish(claim_id, sent)
-        store.Row.update(claimed_by=None, claimed_until=None).where(
-            store.Row.claimed_by == claim_id
-        ).execute()
+    return store.Settlement(claim_id, user_id, sent, unsent)
+
+
+def retry_policy(settings: Settings) -> store.RetryPolicy:
+    """Email tries: `RETRY_MAX_TRIES`, with the intake's backoff between them."""
+    return store.RetryPolicy(settings.RETRY_MAX_TRIES,
+                             lambda tries: _backoff_seconds(settings, tries - 1))
 
 
 def _backoff_seconds(settings: Settings, attempts: int) -> float:

@@ -34,6 +34,7 @@ from actors.batch import (
     Route,
     UserBatchActor,
     new_worker_id,
+    retry_policy,
 )
 from actors.runtime import ActorPool, TimerWheel
 from actors.shard_router import ShardRouter, ShardTable
@@ -161,10 +162,11 @@ class ActorTree:
         self.pool = ActorPool(s.ACTOR_POOL_THREADS, name="herald-actor-pool")
         UserBatchActor.actor_pool = self.pool
         self.mail = MailDispatcher(s, self._mailer_factory)
-        self.claimer = BatchClaimer(new_worker_id())
+        timers = self.timers
+        self.claimer = BatchClaimer(new_worker_id(), retry_policy(s),
+                                    lambda delay, fn: timers.call_later(delay, fn))
         self.claimer.start()
         context = BatchContext(s, self.timers, self.mail, self.claimer)
-        timers = self.timers
         make = {
             "shard_router": lambda parent: ShardRouter.start(
                 s, parent, self._providers, lambda delay, fn: timers.call_later(delay, fn),

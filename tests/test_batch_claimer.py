@@ -8,6 +8,7 @@ apart (one user's read state, one user's claim) is checked directly.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors import _batch_store as store
-from actors._batch_claimer import BatchClaimer, Claimed, Settled
+from actors._batch_claimer import ORPHAN_RETRY_SECONDS, BatchClaimer, Claimed, Settled
 from events import parse_event
 from models import ScheduledMessageNotificationEmail as Row
 from models import User, write_transaction
@@ -25,6 +26,11 @@ from tests.conftest import message_event
 from tests.harness import InProcessHerald, wait_until
 
 SHARED, OWN = 7001, 7100  # one stream message to every user; then one message each
+_POLICY = store.RetryPolicy(max_tries=3, delay_for=lambda tries: 1.0)
+
+
+def _no_schedule(delay: float, fn: Any) -> None:
+    raise AssertionError("nothing here is asked again")
 
 
 class Inbox(pykka.ThreadingActor):
@@ -80,7 +86,7 @@ def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
     inbox = Inbox.start(received)
     gone = Inbox.start(received)
     gone.stop()
-    claimer = BatchClaimer("test-worker")
+    claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
     count_before, sum_before = _group_sizes()
     try:
         for user in [1, 2, 3, 4]:
@@ -110,8 +116,8 @@ def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
 
         # Settle: user 1 sent everything; user 4 only its own message (the shared one
         # failed and stays claimed); the answers carry each user's next wake-up.
-        claimer.settle(1, batches[1].claim_id, None, inbox)
-        claimer.settle(4, batches[4].claim_id, [OWN + 4], inbox)
+        claimer.settle(store.Settlement(batches[1].claim_id, 1, None), inbox)
+        claimer.settle(store.Settlement(batches[4].claim_id, 4, [OWN + 4]), inbox)
         settled = [received.get(timeout=10) for _ in range(2)]
         assert all(isinstance(s, Settled) for s in settled)
         left = parts.db(claims)
@@ -136,7 +142,7 @@ def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> Non
     _record(parts, [1], due=due)
     received: queue.Queue[Any] = queue.Queue()
     inbox = Inbox.start(received)
-    claimer = BatchClaimer("test-worker")
+    claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
     claimer.start()
     try:
         claimer.claim(1, False, inbox)
@@ -151,3 +157,54 @@ def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> Non
     finally:
         claimer.stop()
         inbox.stop()
+
+
+@pytest.mark.parametrize("backend", ["production"])
+def test_a_settle_whose_actor_is_gone_is_asked_again_when_the_database_was_away(
+    parts: InProcessHerald, env: dict[str, str],
+) -> None:
+    """A draining worker's email went out after its actor stopped, and the settle hits
+    a connection the database dropped: the claimer asks again by itself, so the sent
+    rows do not wait out the lease to go out a second time."""
+    from tests.test_durability import _drop_connections_since
+
+    _record(parts, [1], due=time.time() - 1)
+    received: queue.Queue[Any] = queue.Queue()
+    inbox, gone = Inbox.start(received), Inbox.start(received)
+    gone.stop()
+    scheduled: list[float] = []
+
+    def schedule(delay: float, fn: Any) -> None:
+        scheduled.append(delay)
+        threading.Timer(0.2, fn).start()  # sooner than asked: the test need not wait
+
+    claimer = BatchClaimer("test-worker", _POLICY, schedule)
+    claimer.start()
+    try:
+        claimer.claim(1, False, inbox)
+        answer = received.get(timeout=10)
+        assert isinstance(answer, Claimed) and answer.batch is not None
+        assert _drop_connections_since(0) >= 1  # the claimer thread's among them
+        claimer.settle(store.Settlement(answer.batch.claim_id, 1, None), gone)
+        wait_until(lambda: _rows_left(env) == 0, timeout=15,
+                   what="the sent rows to be deleted")
+        assert scheduled == [ORPHAN_RETRY_SECONDS]
+    finally:
+        claimer.stop()
+        inbox.stop()
+
+
+def _rows_left(env: dict[str, str]) -> int:
+    """Pending email rows, read on a connection of the test's own."""
+    import psycopg2
+
+    from tests.harness import PG_ADMIN_URL
+
+    schema = env["DATABASE_URL"].rpartition("?schema=")[2]
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    try:
+        cursor = conn.cursor()
+        cursor.execute(f'SELECT count(*) FROM {schema}."{Row._meta.table_name}"')
+        return int(cursor.fetchone()[0])
+    finally:
+        conn.close()

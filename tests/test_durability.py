@@ -284,6 +284,50 @@ def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path
         assert "crashed" not in log and "restarting" not in log, log
 
 
+def test_a_period_change_as_the_database_goes_away_moves_the_window_without_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A user's batching period changes just after PostgreSQL dropped every
+    connection: the batch's actor cannot read the new deadline, so it looks again a
+    moment later (through a claim, which waits for the database) instead of crashing,
+    and the email goes out once, at the new deadline."""
+    outbox = tmp_path / "outbox"
+    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox), ACTOR_POOL_THREADS="1",
+                       RETRY_MIN_BACKOFF_MS="200") as rig:
+        started = time.time()
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            _put_user(client, period=600)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
+                       what="the pending row")
+            # The actor (on the only pool thread) reads its deadline: that thread now
+            # holds a connection.
+            _put_user(client, period=500)
+            time.sleep(1.0)
+            assert _drop_connections_since(started) > 0
+            wait_until(lambda: _put_period(client, 1), timeout=30, what="the period change")
+            wait_until(functools.partial(_has_at_least, outbox, 1), timeout=30,
+                       what="the email at the new deadline")
+        time.sleep(1.5)
+        assert len(_outbox(outbox)) == 1
+        output = worker.output()
+        assert "could not read the batch's deadline" in output
+        assert "crashed" not in output
+
+
+def _put_period(client: httpx.Client, period: int) -> bool:
+    """PUT the user's period; False for a 503 (a stale pooled connection)."""
+    response = client.put(f"/v1/users/{USER}", json={
+        "email": f"user{USER}@example.com", "full_name": "Ada",
+        "email_batching_period_seconds": period})
+    if response.status_code == 503:
+        return False
+    assert response.status_code == 200, response.text
+    return True
+
+
 def test_lost_broker_connections_lose_no_event(tmp_path: Path) -> None:
     """RabbitMQ closes every connection of the web and the worker (a broker restart, a
     load balancer): both reconnect, the next events are pushed and emailed once, and
@@ -332,17 +376,39 @@ def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
 
 class _DropsTheDatabaseMidSend:
     """An aiosmtpd handler that, while herald's first email is in its hands, drops
-    every PostgreSQL connection opened since `since`, then accepts the email."""
+    every PostgreSQL connection opened since `since`, then accepts the email; the
+    `refuse` emails after it are refused for now (451), and any later ones accepted."""
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, since: float, refuse: int = 0) -> None:
         self.since = since
+        self.refuse = refuse
         self.received: list[bytes] = []
+        self.refused = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if not self.received:
             await asyncio.to_thread(_drop_connections_since, self.since)
+        elif self.refused < self.refuse:
+            self.refused += 1
+            return "451 4.3.0 try again later"
         self.received.append(bytes(envelope.original_content or b""))
         return "250 Message accepted for delivery"
+
+
+@contextlib.contextmanager
+def _smtp_server(handler: Any) -> Iterator[str]:
+    """An aiosmtpd server on a free port; yields its SMTP_URL."""
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{port}"
+    finally:
+        controller.stop()
 
 
 def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
@@ -351,31 +417,50 @@ def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
     """The database drops its connections while an email is on its way: the email is
     out, so the flush records that once the database answers again. The rows do not
     wait out their claim's lease to be sent a second time."""
-    from aiosmtpd.controller import Controller
-
     handler = _DropsTheDatabaseMidSend(time.time())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        with _slow_fcm_rig(tmp_path, delay=0.0, SMTP_URL=f"smtp://127.0.0.1:{port}",
-                           RETRY_MIN_BACKOFF_MS="200") as rig:
-            web, worker = rig.spawn("web"), rig.spawn("worker")
-            with web.client() as client:
-                _put_user(client, period=1)
-                event = message_event(USER, channels=("email",))
-                assert client.post("/v1/events", json=event).status_code == 202
-                wait_until(lambda: handler.received, timeout=30, what="the email")
-                # Settled: nothing left pending for the user, well within the lease.
-                wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
-                    "pending"] == [], timeout=20, what="the sent rows to be settled")
-            time.sleep(1.0)
-            assert len(handler.received) == 1
-            assert "crashed" not in worker.output()
-    finally:
-        controller.stop()
+    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
+            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            _put_user(client, period=1)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: handler.received, timeout=30, what="the email")
+            # Settled: nothing left pending for the user, well within the lease.
+            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
+                "pending"] == [], timeout=20, what="the sent rows to be settled")
+        time.sleep(1.0)
+        assert len(handler.received) == 1
+        assert "crashed" not in worker.output()
+
+
+def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
+    tmp_path: Path,
+) -> None:
+    """One batch, two conversations: the first email goes out as the database drops
+    its connections, the second is refused for now (451). The flush records both
+    halves at once, when the database answers again: the sent email is not sent
+    again, the refused one is tried again and sent once, and no actor crashes."""
+    handler = _DropsTheDatabaseMidSend(time.time(), refuse=1)
+    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
+            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
+        web, worker = rig.spawn("web"), rig.spawn("worker")
+        with web.client() as client:
+            _put_user(client, period=2)
+            in_stream = message_event(USER, channels=("email",))
+            direct = message_event(USER, channels=("email",), stream=None)
+            response = client.post("/v1/events", json={"events": [in_stream, direct]})
+            assert response.status_code == 202, response.text
+            wait_until(lambda: len(handler.received) == 2, timeout=30,
+                       what="both emails, one of them on its second try")
+            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
+                "pending"] == [], timeout=20, what="the flush to be settled")
+        time.sleep(1.5)
+        assert (len(handler.received), handler.refused) == (2, 1)
+        assert "the database call failed" in worker.output(), "the settle was asked again"
+        subjects = {email.message_from_bytes(body)["Subject"] for body in handler.received}
+        assert len(subjects) == 2, "one email per conversation, each sent once"
+        assert "crashed" not in worker.output()
 
 
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
