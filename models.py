@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee as pw
 from playhouse.pool import PooledPostgresqlDatabase
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 logger = logging.getLogger("herald.models")
 
@@ -217,6 +219,43 @@ ALL_MODELS: list[type[BaseModel]] = [
 ]
 
 
+class _PostgresPool(PooledPostgresqlDatabase):
+    """peewee's PostgreSQL connection pool, checking a pooled connection at check-out
+    without a round trip.
+
+    A connection the server closed while it sat in the pool (a restart, a failover,
+    an idle-session timeout) must not be handed to a request, which would fail. peewee
+    4 sends `SELECT 1` on every check-out to find out, a round trip per request;
+    peewee 3 does not look. Here, an idle connection whose socket has something to
+    read has heard from the server, which for a session that listens for nothing
+    means goodbye: reading it (`poll`) raises, and the connection is discarded.
+    """
+
+    def _is_closed(self, conn: Any) -> bool:
+        if conn.closed or conn.get_transaction_status() != TRANSACTION_STATUS_IDLE:
+            return bool(super()._is_closed(conn))  # peewee's own rollback or verdict
+        return _server_said_goodbye(conn)
+
+
+def _server_said_goodbye(conn: Any) -> bool:
+    poller = select.poll()  # not select(): no limit on the descriptor's number
+    poller.register(conn.fileno(), select.POLLIN)
+    # A terminated session reads as its FATAL message, then as the end of the stream,
+    # and only reading the end raises: read until nothing is left.
+    for _ in range(_GOODBYE_READS):
+        if not poller.poll(0):
+            return bool(conn.closed)  # nothing (more) from the server
+        try:
+            conn.poll()
+        except Exception:
+            return True
+    return True  # the server keeps talking to an idle session: not one to reuse
+
+
+# Reads of an idle connection's waiting input before it is given up as not idle.
+_GOODBYE_READS = 3
+
+
 def make_database(url: str) -> pw.Database:
     """Build (without connecting) the peewee database for a `DATABASE_URL`.
 
@@ -249,7 +288,7 @@ def make_database(url: str) -> pw.Database:
         schema = query.get("schema", [None])[0]
         if schema:
             kwargs["options"] = f"-c search_path={schema}"
-        return PooledPostgresqlDatabase(
+        return _PostgresPool(
             parts.path.lstrip("/") or "postgres",
             max_connections=PG_MAX_CONNECTIONS,
             stale_timeout=300,

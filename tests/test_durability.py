@@ -4,6 +4,7 @@ SIGTERM drains and exits 0. Real processes, real brokers, real databases."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email
 import functools
@@ -244,6 +245,31 @@ def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
                                lambda: _assert_some(_drop_connections_since(started)))
         # The batch's flush waited for the database instead of crashing its actor.
         assert "crashed" not in worker.output()
+
+
+def test_the_api_answers_as_usual_right_after_the_database_dropped_its_connections(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL restarted (every connection dropped) while the web sat idle: the
+    requests that come next are answered as usual. The pooled connections the server
+    closed are noticed and replaced before use, not handed to a request to fail."""
+    with _slow_fcm_rig(tmp_path, delay=0.0) as rig:
+        started = time.time()
+        web = rig.spawn("web")
+        users = list(range(100, 124))
+        with web.client() as client:
+            # Requests at once: the pool keeps several connections.
+            with concurrent.futures.ThreadPoolExecutor(8) as threads:
+                assert set(threads.map(functools.partial(_put_status, client), users)) == {200}
+            assert _drop_connections_since(started) > 1
+            time.sleep(0.5)  # the server's goodbye reaches every socket
+            assert [_put_status(client, user) for user in users] == [200] * len(users)
+
+
+def _put_status(client: httpx.Client, user: int) -> int:
+    response = client.put(f"/v1/users/{user}", json={
+        "email": f"user{user}@example.com", "full_name": "Ada"})
+    return response.status_code
 
 
 def _assert_some(count: int) -> None:
