@@ -361,8 +361,12 @@ def in_thread_connection(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwar
     For herald's long-lived, bounded threads (the actor pool, the push engines'
     database threads): opening a connection per call costs more than the queries
     (on SQLite, a connect and four PRAGMAs). A connection that failed is closed so
-    the next call opens a fresh one.
+    the next call opens a fresh one, and so is one the server closed while it sat
+    idle (a restart, a failover), before `fn` is given it.
     """
+    if isinstance(db.obj, _PostgresPool) and not db.is_closed() \
+            and not db.in_transaction() and _server_said_goodbye(db.connection()):
+        db.manual_close()
     db.connect(reuse_if_open=True)
     try:
         return fn(*args, **kwargs)

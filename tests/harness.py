@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,6 +66,58 @@ def pg_schema() -> Iterator[str]:
         with contextlib.suppress(Exception):
             conn.cursor().execute(f"DROP SCHEMA {name} CASCADE")
         conn.close()
+
+
+# A PostgreSQL role of the outage tests' own: locking it out is a database restart
+# as herald's processes see it, and leaves every other session alone.
+OUTAGE_ROLE = "herald_outage"
+
+
+def _pg_admin(statement: str, params: list[Any] | None = None) -> Any:
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    conn.autocommit = True
+    try:
+        cursor = conn.cursor()
+        cursor.execute(statement, params)
+        return cursor.fetchone() if cursor.description else None
+    finally:
+        conn.close()
+
+
+def as_outage_role(env: dict[str, str]) -> dict[str, str]:
+    """`env` (a production backend's) with herald logging in as `OUTAGE_ROLE`, which
+    may then be locked out by `database_outage`."""
+    url = env["DATABASE_URL"]
+    schema = url.rpartition("?schema=")[2]
+    if not _pg_admin("SELECT 1 FROM pg_roles WHERE rolname = %s", [OUTAGE_ROLE]):
+        with contextlib.suppress(psycopg2.errors.DuplicateObject):
+            _pg_admin(f"CREATE ROLE {OUTAGE_ROLE}")
+    _pg_admin(f"ALTER ROLE {OUTAGE_ROLE} LOGIN")  # an earlier run may have died locked out
+    _pg_admin(f"GRANT ALL ON SCHEMA {schema} TO {OUTAGE_ROLE}")
+    # Tables and sequences made by a process logged in as the admin (the schema's
+    # migrations, when it starts first) are the role's to use as well.
+    for kind in ("TABLES", "SEQUENCES"):
+        _pg_admin(f"ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} "
+                  f"GRANT ALL ON {kind} TO {OUTAGE_ROLE}")
+    return {**env, "DATABASE_URL": url.replace("postgres@", f"{OUTAGE_ROLE}@", 1)}
+
+
+def database_outage(seconds: float) -> int:
+    """A database restart, as `OUTAGE_ROLE`'s sessions see it: each is dropped, and
+    new ones are refused for `seconds` (logins come back in the background). Returns
+    how many sessions were dropped."""
+    _pg_admin(f"ALTER ROLE {OUTAGE_ROLE} NOLOGIN")
+    try:
+        dropped = _pg_admin(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE usename = %s", [OUTAGE_ROLE])[0]
+    finally:
+        threading.Timer(seconds, end_outage).start()
+    return int(dropped)
+
+
+def end_outage() -> None:
+    _pg_admin(f"ALTER ROLE {OUTAGE_ROLE} LOGIN")
 
 
 @contextlib.contextmanager

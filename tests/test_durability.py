@@ -24,12 +24,22 @@ import pytest
 
 from tests.conftest import message_event
 from tests.fakes.fcm import FakeFcm
-from tests.harness import ROOT, HeraldProcess, backend_env, rabbit_queue_depth, wait_until
+from tests.harness import (
+    ROOT,
+    HeraldProcess,
+    as_outage_role,
+    backend_env,
+    database_outage,
+    rabbit_queue_depth,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 USER = 7
 OTHER_USER = 8
+# How long a database restart refuses connections in these tests (seconds).
+OUTAGE_SECONDS = 1.5
 
 
 def _outbox(directory: Path) -> list[email.message.Message]:
@@ -106,15 +116,21 @@ def test_rabbitmq_event_survives_sigkill_of_worker(tmp_path: Path) -> None:
 
 @dataclass
 class _SlowFcmRig:
-    """A web and a worker process on RabbitMQ + PostgreSQL, sending to a fake FCM."""
+    """A web and a worker process on RabbitMQ + PostgreSQL, sending to a fake FCM;
+    herald logs in as `OUTAGE_ROLE`, so `database_outage` can stand for a restart."""
 
     fake: FakeFcm
     env: dict[str, str]
     cwd: Path
+    # The database as the test reads it: not locked out by `database_outage`.
+    admin_url: str
     processes: list[HeraldProcess] = field(default_factory=list)
 
-    def spawn(self, mode: str) -> HeraldProcess:
-        process = HeraldProcess(self.env, mode, cwd=self.cwd).start()
+    def spawn(self, mode: str, *, locked_out: bool = True) -> HeraldProcess:
+        """Start `python supervisor.py MODE`; with `locked_out=False` it logs in as
+        the admin, so `database_outage` leaves it alone."""
+        env = self.env if locked_out else {**self.env, "DATABASE_URL": self.admin_url}
+        process = HeraldProcess(env, mode, cwd=self.cwd).start()
         self.processes.append(process)
         return process
 
@@ -126,7 +142,7 @@ class _SlowFcmRig:
     def receipts(self) -> int:
         import models
 
-        database = models.make_database(self.env["DATABASE_URL"])
+        database = models.make_database(self.admin_url)
         with database.bind_ctx([models.PushReceipt]), database.connection_context():
             return int(models.PushReceipt.select().count())
 
@@ -137,9 +153,10 @@ def _slow_fcm_rig(tmp_path: Path, delay: float, **extra: str) -> Iterator[_SlowF
     base = fake.start()
     try:
         credentials = fake.new_service_account(tmp_path)
-        with backend_env("production", tmp_path) as env:
-            env = {**env, "FCM_CREDENTIALS": str(credentials), "FCM_ENDPOINT": base, **extra}
-            rig = _SlowFcmRig(fake, env, tmp_path)
+        with backend_env("production", tmp_path) as admin_env:
+            env = {**as_outage_role(admin_env), "FCM_CREDENTIALS": str(credentials),
+                   "FCM_ENDPOINT": base, **extra}
+            rig = _SlowFcmRig(fake, env, tmp_path, admin_env["DATABASE_URL"])
             try:
                 yield rig
             finally:
@@ -173,26 +190,6 @@ def test_sigkill_mid_processing_redelivers(tmp_path: Path) -> None:
 
 def _has_at_least(outbox: Path, count: int) -> bool:
     return len(_outbox(outbox)) >= count
-
-
-def _drop_connections_since(started: float) -> int:
-    """Terminate every PostgreSQL connection opened after `started` (a restart or a
-    failover, as herald's processes see it); returns how many."""
-    import psycopg2
-
-    from tests.harness import PG_ADMIN_URL
-
-    conn = psycopg2.connect(PG_ADMIN_URL)
-    conn.autocommit = True
-    try:
-        cursor = conn.cursor()
-        cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_start > to_timestamp(%s)", [started])
-        return int(cursor.fetchone()[0])
-    finally:
-        conn.close()
 
 
 def _push_and_email_across(rig: _SlowFcmRig, outbox: Path,
@@ -239,10 +236,9 @@ def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
                        RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
-        started = time.time()
         worker = rig.spawn("worker")
         _push_and_email_across(rig, outbox,
-                               lambda: _assert_some(_drop_connections_since(started)))
+                               lambda: _assert_some(database_outage(OUTAGE_SECONDS)))
         # The batch's flush waited for the database instead of crashing its actor.
         assert "crashed" not in worker.output()
 
@@ -254,14 +250,13 @@ def test_the_api_answers_as_usual_right_after_the_database_dropped_its_connectio
     requests that come next are answered as usual. The pooled connections the server
     closed are noticed and replaced before use, not handed to a request to fail."""
     with _slow_fcm_rig(tmp_path, delay=0.0) as rig:
-        started = time.time()
         web = rig.spawn("web")
         users = list(range(100, 124))
         with web.client() as client:
             # Requests at once: the pool keeps several connections.
             with concurrent.futures.ThreadPoolExecutor(8) as threads:
                 assert set(threads.map(functools.partial(_put_status, client), users)) == {200}
-            assert _drop_connections_since(started) > 1
+            assert database_outage(0.0) > 1
             time.sleep(0.5)  # the server's goodbye reaches every socket
             assert [_put_status(client, user) for user in users] == [200] * len(users)
 
@@ -296,10 +291,10 @@ def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path
                 wait_until(lambda: all(client.get(f"/v1/users/{u}/pending").json()["pending"]
                                        for u in users), timeout=20, what="every batch to open")
                 if round_ == 2:
-                    # Every connection the first round used is dropped just before the
-                    # second round's batches fall due.
+                    # The database restarts just before the second round's batches
+                    # fall due.
                     time.sleep(max(0.0, started + 3 - 0.3 - time.time()))
-                    assert _drop_connections_since(started - 60) > 0
+                    assert database_outage(OUTAGE_SECONDS) > 0
                 wait_until(functools.partial(_has_at_least, outbox, len(users) * round_),
                            timeout=90, what=f"an email for every user, round {round_}")
         time.sleep(2.0)  # time for a duplicate to show, were there one
@@ -310,30 +305,26 @@ def test_a_database_blip_as_many_batches_fall_due_sends_each_once(tmp_path: Path
         assert "crashed" not in log and "restarting" not in log, log
 
 
-def test_a_period_change_as_the_database_goes_away_moves_the_window_without_a_crash(
+def test_a_period_change_during_a_database_restart_moves_the_window_without_a_crash(
     tmp_path: Path,
 ) -> None:
-    """A user's batching period changes just after PostgreSQL dropped every
-    connection: the batch's actor cannot read the new deadline, so it looks again a
-    moment later (through a claim, which waits for the database) instead of crashing,
-    and the email goes out once, at the new deadline."""
+    """A user's batching period changes while the worker's database restarts: the
+    batch's actor cannot read the new deadline, so it looks again a moment later
+    (through a claim, which waits for the database) instead of crashing, and the
+    email goes out once, at the new deadline."""
     outbox = tmp_path / "outbox"
-    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox), ACTOR_POOL_THREADS="1",
+    with _slow_fcm_rig(tmp_path, delay=0.0, OUTBOX_DIR=str(outbox),
                        RETRY_MIN_BACKOFF_MS="200") as rig:
-        started = time.time()
-        web, worker = rig.spawn("web"), rig.spawn("worker")
+        web = rig.spawn("web", locked_out=False)
+        worker = rig.spawn("worker")
         with web.client() as client:
             _put_user(client, period=600)
             event = message_event(USER, channels=("email",))
             assert client.post("/v1/events", json=event).status_code == 202
             wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
                        what="the pending row")
-            # The actor (on the only pool thread) reads its deadline: that thread now
-            # holds a connection.
-            _put_user(client, period=500)
-            time.sleep(1.0)
-            assert _drop_connections_since(started) > 0
-            wait_until(lambda: _put_period(client, 1), timeout=30, what="the period change")
+            assert database_outage(OUTAGE_SECONDS) > 0
+            _put_user(client, period=1)  # the worker hears of it during the restart
             wait_until(functools.partial(_has_at_least, outbox, 1), timeout=30,
                        what="the email at the new deadline")
         time.sleep(1.5)
@@ -341,17 +332,6 @@ def test_a_period_change_as_the_database_goes_away_moves_the_window_without_a_cr
         output = worker.output()
         assert "could not read the batch's deadline" in output
         assert "crashed" not in output
-
-
-def _put_period(client: httpx.Client, period: int) -> bool:
-    """PUT the user's period; False for a 503 (a stale pooled connection)."""
-    response = client.put(f"/v1/users/{USER}", json={
-        "email": f"user{USER}@example.com", "full_name": "Ada",
-        "email_batching_period_seconds": period})
-    if response.status_code == 503:
-        return False
-    assert response.status_code == 200, response.text
-    return True
 
 
 def test_lost_broker_connections_lose_no_event(tmp_path: Path) -> None:
@@ -379,7 +359,6 @@ def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
     the push went out, so its receipt is written once the database answers again, the
     message is acked, and the device is not sent the push a second time."""
     with _slow_fcm_rig(tmp_path, delay=2.0, RETRY_MIN_BACKOFF_MS="200") as rig:
-        started = time.time()
         web, worker = rig.spawn("web"), rig.spawn("worker")
         with web.client() as client:
             rig.user_with_device(client, USER, "tok-1")
@@ -390,30 +369,32 @@ def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
             assert client.post("/v1/events", json=event).status_code == 202
             wait_until(lambda: rig.fake.arrived == ["tok-1", "tok-1"], timeout=15,
                        what="the second send to reach the provider")
-            assert _drop_connections_since(started) > 0  # before the provider answers
+            # Restarting from before the provider answers (in 2 s) until after.
+            assert database_outage(4.0) > 0
             wait_until(lambda: rig.receipts() == 2, timeout=60, what="its receipt")
             wait_until(lambda: rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0") == 0,
                        what="the message to be acked")
             time.sleep(1.5)  # time for a second send to show, were there one
             assert [r.data["zulip_message_id"] for r in rig.fake.requests] == [
                 str(warm["message"]["id"]), str(event["message"]["id"])]
-            assert "retrying" not in worker.output()
+            output = worker.output()
+            assert "recording outcomes failed" in output, "the receipt waited for the database"
+            assert "retrying" not in output
 
 
 class _DropsTheDatabaseMidSend:
-    """An aiosmtpd handler that, while herald's first email is in its hands, drops
-    every PostgreSQL connection opened since `since`, then accepts the email; the
-    `refuse` emails after it are refused for now (451), and any later ones accepted."""
+    """An aiosmtpd handler that, while herald's first email is in its hands, has the
+    database restart (`database_outage`), then accepts the email; the `refuse` emails
+    after it are refused for now (451), and any later ones accepted."""
 
-    def __init__(self, since: float, refuse: int = 0) -> None:
-        self.since = since
+    def __init__(self, refuse: int = 0) -> None:
         self.refuse = refuse
         self.received: list[bytes] = []
         self.refused = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if not self.received:
-            await asyncio.to_thread(_drop_connections_since, self.since)
+            await asyncio.to_thread(database_outage, OUTAGE_SECONDS)
         elif self.refused < self.refuse:
             self.refused += 1
             return "451 4.3.0 try again later"
@@ -443,10 +424,10 @@ def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
     """The database drops its connections while an email is on its way: the email is
     out, so the flush records that once the database answers again. The rows do not
     wait out their claim's lease to be sent a second time."""
-    handler = _DropsTheDatabaseMidSend(time.time())
+    handler = _DropsTheDatabaseMidSend()
     with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
             tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
-        web, worker = rig.spawn("web"), rig.spawn("worker")
+        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
         with web.client() as client:
             _put_user(client, period=1)
             event = message_event(USER, channels=("email",))
@@ -467,10 +448,10 @@ def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
     its connections, the second is refused for now (451). The flush records both
     halves at once, when the database answers again: the sent email is not sent
     again, the refused one is tried again and sent once, and no actor crashes."""
-    handler = _DropsTheDatabaseMidSend(time.time(), refuse=1)
+    handler = _DropsTheDatabaseMidSend(refuse=1)
     with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
             tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
-        web, worker = rig.spawn("web"), rig.spawn("worker")
+        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
         with web.client() as client:
             _put_user(client, period=2)
             in_stream = message_event(USER, channels=("email",))
