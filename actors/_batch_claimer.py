@@ -134,6 +134,13 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         """Serve a request that failed once more (any thread)."""
         self.put(request)
 
+    def hand_over(self, request: Request) -> None:
+        """Take on a failed request whose actor is stopping (any thread): a settle is
+        served once more, and asked again by the claimer while the database is away
+        (its emails are out); a claim is dropped (its rows stay pending)."""
+        if isinstance(request, _Settle):
+            self.put(request)
+
     # The claimer thread -----------------------------------------------------------------
 
     def serve(self, group: list[_Claim | _Settle]) -> list[_Claim | _Settle]:

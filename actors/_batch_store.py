@@ -380,6 +380,8 @@ def _settle_partly(settlement: Settlement, policy: RetryPolicy) -> None:
         reason = (f"gave up after {tries} tries: {unsent.reason}" if unsent.transient
                   else unsent.reason)
         rows = list(Row.select().where(mine))
+        if not rows:
+            continue  # settled already (this settle, asked again after it went through)
         dead_letters.record(
             kind=dead_letters.KIND_EMAIL_BATCH, reason=reason,
             payload={"user_id": user_id, "rows": rows_as_payload(rows)},

@@ -172,6 +172,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         # database call fails, and how many times in a row it has.
         self._request: ClaimerRequest | None = None
         self._db_failures = 0
+        # Set while that request waits to be asked again.
+        self._retry_timer: TimerHandle | None = None
 
     # Pykka hooks (pool thread) ---------------------------------------------------------
 
@@ -199,15 +201,26 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         elif isinstance(message, ClaimFailed):
             self._retry_later(message.exc_info[1])
         elif isinstance(message, _Retry):
+            self._retry_timer = None
             self.ctx.claimer.again(message.request)
         self._maybe_retire()
         return None
 
     def on_stop(self) -> None:
         self._cancel_timer()
+        self._hand_over_retry()
 
     def on_crash(self) -> None:
         self._cancel_timer()
+        self._hand_over_retry()
+
+    def _hand_over_retry(self) -> None:
+        # A settle waiting to be asked again would die with this actor, and its sent
+        # rows would go out again after the lease: the claimer sees it through.
+        if self._retry_timer is not None and self._request is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+            self.ctx.claimer.hand_over(self._request)
 
     # Timer ---------------------------------------------------------------------------
 
@@ -321,7 +334,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         logger.warning("email for user %s: the database call failed (%s), trying again "
                        "in %.1fs", self.user_id, type(error).__name__, delay)
         retry, me = _Retry(self._request), self.actor_ref
-        self.ctx.timers.call_later(delay, lambda: _tell(me, retry))
+        self._retry_timer = self.ctx.timers.call_later(delay, lambda: _tell(me, retry))
 
     def _done(self, wakeup: float | None) -> None:
         """The flush in flight is over; `wakeup` is when to look again."""

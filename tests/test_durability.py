@@ -470,6 +470,30 @@ def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
         assert "crashed" not in worker.output()
 
 
+def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
+    tmp_path: Path,
+) -> None:
+    """An email goes out as the database restarts; its flush's settle fails and waits
+    to be asked again, and the worker is told to stop meanwhile. The settle is not
+    dropped with the actor: the worker records it on its way out, so the sent rows
+    do not go out again once their lease ends."""
+    handler = _DropsTheDatabaseMidSend()
+    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
+            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="8000",
+            RETRY_MAX_BACKOFF_MS="20000") as rig:
+        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
+        with web.client() as client:
+            _put_user(client, period=1)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: "the database call failed" in worker.output(), timeout=30,
+                       what="the settle to fail and wait (8 s) to be asked again")
+            time.sleep(OUTAGE_SECONDS + 0.5)  # the database is back; the actor still waits
+            assert worker.terminate(timeout=60) == 0
+            assert client.get(f"/v1/users/{USER}/pending").json()["pending"] == []
+        assert len(handler.received) == 1
+
+
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
     """Embedded: a batch still waiting for its window when SIGTERM comes is not sent early
     and not lost: it is there when herald starts again."""
