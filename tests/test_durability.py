@@ -55,17 +55,24 @@ def _put_user(client: object, period: int, user: int = USER) -> None:
     assert response.status_code == 200, response.text
 
 
+def _one_pending_email(client: httpx.Client, period: int) -> dict[str, Any]:
+    """Give USER a batching period, post one email event for them, and wait until its
+    row is committed; returns the event."""
+    _put_user(client, period=period)
+    event = message_event(USER, channels=("email",))
+    assert client.post("/v1/events", json=event).status_code == 202
+    wait_until(lambda: _pending(client),
+               what="the row to be committed")
+    return event
+
+
 def test_embedded_email_survives_sigkill_after_commit(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}", "OUTBOX_DIR": str(outbox)}
     first = HeraldProcess(env, "all", cwd=tmp_path).start()
     try:
         with first.client() as client:
-            _put_user(client, period=3)
-            event = message_event(USER, channels=("email",))
-            assert client.post("/v1/events", json=event).status_code == 202
-            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
-                       what="the row to be committed")
+            _one_pending_email(client, period=3)
         first.kill()  # before the window closes
         assert _outbox(outbox) == []
     finally:
@@ -95,7 +102,7 @@ def test_rabbitmq_event_survives_sigkill_of_worker(tmp_path: Path) -> None:
                 assert response.status_code == 202
                 # Durably queued in RabbitMQ, nobody consuming.
                 assert rabbit_queue_depth(env["BROKER_URL"], "email") == 5
-                assert client.get(f"/v1/users/{USER}/pending").json()["pending"] == []
+                assert _pending(client) == []
                 restarted = HeraldProcess(env, "worker", cwd=tmp_path).start()
                 try:
                     wait_until(lambda: len(_outbox(outbox)) == 5, timeout=30,
@@ -318,11 +325,7 @@ def test_a_period_change_during_a_database_restart_moves_the_window_without_a_cr
         web = rig.spawn("web", locked_out=False)
         worker = rig.spawn("worker")
         with web.client() as client:
-            _put_user(client, period=600)
-            event = message_event(USER, channels=("email",))
-            assert client.post("/v1/events", json=event).status_code == 202
-            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
-                       what="the pending row")
+            _one_pending_email(client, period=600)
             assert database_outage(OUTAGE_SECONDS) > 0
             _put_user(client, period=1)  # the worker hears of it during the restart
             wait_until(functools.partial(_has_at_least, outbox, 1), timeout=30,
@@ -418,6 +421,20 @@ def _smtp_server(handler: Any) -> Iterator[str]:
         controller.stop()
 
 
+@contextlib.contextmanager
+def _mail_rig(tmp_path: Path, handler: Any,
+              **env: str) -> Iterator[tuple[HeraldProcess, HeraldProcess]]:
+    """A web (not locked out by `database_outage`) and a worker sending email to an
+    aiosmtpd server with `handler`."""
+    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
+            tmp_path, delay=0.0, SMTP_URL=smtp_url, **env) as rig:
+        yield rig.spawn("web", locked_out=False), rig.spawn("worker")
+
+
+def _pending(client: httpx.Client) -> list[dict[str, Any]]:
+    return client.get(f"/v1/users/{USER}/pending").json()["pending"]  # type: ignore[no-any-return]
+
+
 def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
     tmp_path: Path,
 ) -> None:
@@ -425,17 +442,15 @@ def test_an_email_sent_as_the_database_goes_away_is_settled_not_sent_again(
     out, so the flush records that once the database answers again. The rows do not
     wait out their claim's lease to be sent a second time."""
     handler = _DropsTheDatabaseMidSend()
-    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
-            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
-        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
+    with _mail_rig(tmp_path, handler, RETRY_MIN_BACKOFF_MS="200") as (web, worker):
         with web.client() as client:
             _put_user(client, period=1)
             event = message_event(USER, channels=("email",))
             assert client.post("/v1/events", json=event).status_code == 202
             wait_until(lambda: handler.received, timeout=30, what="the email")
             # Settled: nothing left pending for the user, well within the lease.
-            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
-                "pending"] == [], timeout=20, what="the sent rows to be settled")
+            wait_until(lambda: _pending(client) == [], timeout=20,
+                       what="the sent rows to be settled")
         time.sleep(1.0)
         assert len(handler.received) == 1
         assert "crashed" not in worker.output()
@@ -449,9 +464,7 @@ def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
     halves at once, when the database answers again: the sent email is not sent
     again, the refused one is tried again and sent once, and no actor crashes."""
     handler = _DropsTheDatabaseMidSend(refuse=1)
-    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
-            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="200") as rig:
-        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
+    with _mail_rig(tmp_path, handler, RETRY_MIN_BACKOFF_MS="200") as (web, worker):
         with web.client() as client:
             _put_user(client, period=2)
             in_stream = message_event(USER, channels=("email",))
@@ -460,8 +473,8 @@ def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
             assert response.status_code == 202, response.text
             wait_until(lambda: len(handler.received) == 2, timeout=30,
                        what="both emails, one of them on its second try")
-            wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()[
-                "pending"] == [], timeout=20, what="the flush to be settled")
+            wait_until(lambda: _pending(client) == [], timeout=20,
+                       what="the flush to be settled")
         time.sleep(1.5)
         assert (len(handler.received), handler.refused) == (2, 1)
         assert "the database call failed" in worker.output(), "the settle was asked again"
@@ -478,10 +491,8 @@ def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
     dropped with the actor: the worker records it on its way out, so the sent rows
     do not go out again once their lease ends."""
     handler = _DropsTheDatabaseMidSend()
-    with _smtp_server(handler) as smtp_url, _slow_fcm_rig(
-            tmp_path, delay=0.0, SMTP_URL=smtp_url, RETRY_MIN_BACKOFF_MS="8000",
-            RETRY_MAX_BACKOFF_MS="20000") as rig:
-        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
+    with _mail_rig(tmp_path, handler,
+                   RETRY_MIN_BACKOFF_MS="8000", RETRY_MAX_BACKOFF_MS="20000") as (web, worker):
         with web.client() as client:
             _put_user(client, period=1)
             event = message_event(USER, channels=("email",))
@@ -490,7 +501,7 @@ def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
                        what="the settle to fail and wait (8 s) to be asked again")
             time.sleep(OUTAGE_SECONDS + 0.5)  # the database is back; the actor still waits
             assert worker.terminate(timeout=60) == 0
-            assert client.get(f"/v1/users/{USER}/pending").json()["pending"] == []
+            assert _pending(client) == []
         assert len(handler.received) == 1
 
 
@@ -501,16 +512,12 @@ def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
            "OUTBOX_DIR": str(tmp_path / "outbox")}
     process = HeraldProcess(env, "all", cwd=tmp_path).start()
     with process.client() as client:
-        _put_user(client, period=120)
-        event = message_event(USER, channels=("email",))
-        assert client.post("/v1/events", json=event).status_code == 202
-        wait_until(lambda: client.get(f"/v1/users/{USER}/pending").json()["pending"],
-                   what="the row to be committed")
+        event = _one_pending_email(client, period=120)
     assert process.terminate(timeout=60) == 0
     assert "stopped" in process.output()
     assert _outbox(tmp_path / "outbox") == []
     with HeraldProcess(env, "all", cwd=tmp_path) as again, again.client() as client:
-        pending = client.get(f"/v1/users/{USER}/pending").json()["pending"]
+        pending = _pending(client)
         assert [p["message_id"] for p in pending] == [event["message"]["id"]]
 
 
