@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from bench import common, pushrig
+from bench import common, cpu, pushrig
 from bench.common import fmt_ms, fmt_rate, goal, percentile, say, table
 
 NAME = "push-latency"
@@ -19,7 +19,10 @@ for --seconds (one event per user; each parsed and published with
 intake.publisher.Publisher.publish, on RabbitMQ waiting for the publisher confirm).
 Latency = the time the fake recorded the request − time.time() taken just before the
 event was parsed and published (one machine, one clock). --warmup events first open
-the HTTP/2 connections and are not counted.
+the HTTP/2 connections and are not counted. While the paced events are published, the
+CPU time of each process (the bench process, with the worker when it runs in-process;
+the worker; the fake; RabbitMQ; PostgreSQL) is read from /proc and printed per event,
+with how busy the cores were.
 Goals: p50 <= 10 ms, p99 <= 50 ms."""
 
 
@@ -88,11 +91,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   args.publish_threads)
             common.wait_for_count(lambda: int(rig.fake.stats()["count"]), warm, 60, "warm-up",
                                   0.1, "push")
-        began = time.perf_counter()
+        began, cpu_before = time.perf_counter(), cpu.snapshot()
         paced = _pace(publish, bodies[warm:], args.rate, args.seconds * 3, "paced publish",
                       args.publish_threads)
-        publish_s = time.perf_counter() - began
+        publish_s, cpu_after = time.perf_counter() - began, cpu.snapshot()
         sent = sum(1 for t in paced if t is not None)
+        cpu_ms, busy = cpu.per_event(cpu_before, cpu_after, sent)
         _seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]) - warm, sent,
                                         120, "pushes accepted", 0.1, "push")
         log = rig.fake.log()
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "publish_threads": args.publish_threads,
         "p50_s": percentile(latencies, 50), "p90_s": percentile(latencies, 90),
         "p99_s": percentile(latencies, 99), "max_s": latencies[-1] if latencies else None,
+        "cpu_ms_per_event": cpu_ms, "machine_busy": busy,
     }
     say(f"push-latency ({args.backend}, worker "
         f"{figures['workers']}, fake delay {args.delay_ms:g} ms); events via "
@@ -126,6 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("latency p90", fmt_ms(figures["p90_s"])),
         ("latency p99", fmt_ms(figures["p99_s"])),
         ("latency max", fmt_ms(figures["max_s"])),
+        *((f"CPU per event, {group}", f"{ms:.2f} ms") for group, ms in cpu_ms.items()),
+        *([("the cores busy", f"{busy:.0%}")] if busy is not None else []),
     ]))
     ordered = sorted((published_at[k] - stamps[0], arrived[k] - published_at[k])
                      for k in arrived) if stamps else []
