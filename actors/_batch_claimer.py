@@ -24,10 +24,13 @@ Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -46,6 +49,12 @@ logger = logging.getLogger("herald.email")
 GROUP_MAX = 500
 # How long the claimer waits before asking again a settle whose actor is gone (seconds).
 ORPHAN_RETRY_SECONDS = 5.0
+# How long a stopping claimer keeps asking again the settles the database refused
+# (seconds): a worker draining during a database restart should not leave sent rows
+# to go out again after their lease. Inside `GroupThread`'s wait for the thread.
+STOP_PATIENCE_SECONDS = 20.0
+# The longest pause between those tries (seconds).
+STOP_RETRY_MAX_SECONDS = 2.0
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
@@ -89,7 +98,8 @@ class _Claim:
 @dataclass(frozen=True)
 class _Settle:
     settlement: store.Settlement
-    reply_to: pykka.ActorRef[Any]
+    # None once its actor has handed it over (`hand_over`).
+    reply_to: pykka.ActorRef[Any] | None
 
 
 # A claim or a settle, as `claim` and `settle` return it.
@@ -113,6 +123,12 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         self._policy = policy
         self._schedule = schedule
         self._groups = itertools.count(1)
+        # Set by `stop`: until then, settles the database refused are asked again.
+        self._stop_deadline: float | None = None
+        self._stop_pause = 0.1
+        # Settles of stopped actors waiting for their timer to be asked again, by id.
+        self._waiting: dict[int, _Settle] = {}
+        self._waiting_lock = threading.Lock()
 
     def claim(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> Request:
         """Claim the user's due rows (all pending rows when `forced`); `reply_to` is
@@ -139,7 +155,19 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         served once more, and asked again by the claimer while the database is away
         (its emails are out); a claim is dropped (its rows stay pending)."""
         if isinstance(request, _Settle):
-            self.put(request)
+            # The actor may still take messages while it stops; its answer would be lost.
+            self.put(dataclasses.replace(request, reply_to=None))
+
+    def stop(self) -> None:
+        """Serve what is queued, asking again for a while the settles the database
+        refuses (their emails are out), then end the thread (called once, at
+        shutdown, after the actors and the mail threads have stopped)."""
+        self._stop_deadline = time.monotonic() + STOP_PATIENCE_SECONDS
+        with self._waiting_lock:
+            waiting, self._waiting = self._waiting, {}
+        for request in waiting.values():
+            self.put(request)  # their timers will not fire once the worker stops
+        super().stop()
 
     # The claimer thread -----------------------------------------------------------------
 
@@ -154,12 +182,14 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
                 else:
                     claims[request.user_id] = request
         if settles:
-            self._settle(settles)
+            later.extend(self._settle(settles))
         if claims:
             self._claim(list(claims.values()))
         return later
 
-    def _settle(self, requests: list[_Settle]) -> None:
+    def _settle(self, requests: list[_Settle]) -> list[_Settle]:
+        """Serve settles; returns those to serve again at once (the claimer is
+        stopping and the database refused them)."""
         try:
             wakeups = in_thread_connection(
                 store.settle, [r.settlement for r in requests],
@@ -171,11 +201,34 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
             if isinstance(error, DATABASE_UNAVAILABLE):
                 # Their emails are out: the rows must not wait out the lease to go
                 # out again, and no actor is left to ask again for them.
-                for orphan in orphans:
-                    self._schedule(ORPHAN_RETRY_SECONDS, functools.partial(self.again, orphan))
-            return
+                return self._ask_again([o for o in orphans if isinstance(o, _Settle)])
+            return []
         for request in requests:
             _tell(request.reply_to, Settled(wakeups.get(request.settlement.user_id)))
+        return []
+
+    def _ask_again(self, orphans: list[_Settle]) -> list[_Settle]:
+        if self._stop_deadline is None:
+            with self._waiting_lock:
+                self._waiting.update((id(orphan), orphan) for orphan in orphans)
+            for orphan in orphans:
+                self._schedule(ORPHAN_RETRY_SECONDS, functools.partial(self._wake, orphan))
+            return []
+        # Stopping: no timer will fire any more, so wait here, as long as the stop
+        # allows.
+        if not orphans or time.monotonic() + self._stop_pause > self._stop_deadline:
+            return []
+        time.sleep(self._stop_pause)
+        self._stop_pause = min(STOP_RETRY_MAX_SECONDS, self._stop_pause * 2)
+        return orphans
+
+    def _wake(self, request: _Settle) -> None:
+        """A waiting settle's timer fired (timer thread): ask again, unless `stop`
+        has already."""
+        with self._waiting_lock:
+            if self._waiting.pop(id(request), None) is None:
+                return
+        self.put(request)
 
     def _claim(self, requests: list[_Claim]) -> None:
         group_id = f"{self._worker_id}:{next(self._groups):x}"
@@ -202,7 +255,9 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
                     logger.exception("could not release claim %s", batch.claim_id)
 
 
-def _tell(ref: pykka.ActorRef[Any], message: Any) -> bool:
+def _tell(ref: pykka.ActorRef[Any] | None, message: Any) -> bool:
+    if ref is None:
+        return False
     try:
         ref.tell(message)
     except pykka.ActorDeadError:

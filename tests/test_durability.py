@@ -387,17 +387,19 @@ def test_a_push_sent_as_the_database_goes_away_is_recorded_not_sent_again(
 
 class _DropsTheDatabaseMidSend:
     """An aiosmtpd handler that, while herald's first email is in its hands, has the
-    database restart (`database_outage`), then accepts the email; the `refuse` emails
-    after it are refused for now (451), and any later ones accepted."""
+    database restart (`database_outage`, `outage` seconds long), then accepts the
+    email; the `refuse` emails after it are refused for now (451), and any later ones
+    accepted."""
 
-    def __init__(self, refuse: int = 0) -> None:
+    def __init__(self, refuse: int = 0, outage: float = OUTAGE_SECONDS) -> None:
         self.refuse = refuse
+        self.outage = outage
         self.received: list[bytes] = []
         self.refused = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if not self.received:
-            await asyncio.to_thread(database_outage, OUTAGE_SECONDS)
+            await asyncio.to_thread(database_outage, self.outage)
         elif self.refused < self.refuse:
             self.refused += 1
             return "451 4.3.0 try again later"
@@ -501,6 +503,26 @@ def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
                        what="the settle to fail and wait (8 s) to be asked again")
             time.sleep(OUTAGE_SECONDS + 0.5)  # the database is back; the actor still waits
             assert worker.terminate(timeout=60) == 0
+            assert _pending(client) == []
+        assert len(handler.received) == 1
+
+
+def test_a_worker_stopping_while_the_database_is_away_settles_before_it_exits(
+    tmp_path: Path,
+) -> None:
+    """An email goes out as the database restarts, and the worker is told to stop
+    while the database is still away: the draining worker keeps asking to settle the
+    flush until the database is back, then exits 0, and the sent rows are gone."""
+    handler = _DropsTheDatabaseMidSend(outage=5.0)
+    with _mail_rig(tmp_path, handler,
+                   RETRY_MIN_BACKOFF_MS="8000", RETRY_MAX_BACKOFF_MS="20000") as (web, worker):
+        with web.client() as client:
+            _put_user(client, period=1)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: "the database call failed" in worker.output(), timeout=30,
+                       what="the settle to fail during the restart")
+            assert worker.terminate(timeout=60) == 0  # the database is back within 5 s
             assert _pending(client) == []
         assert len(handler.received) == 1
 
