@@ -162,8 +162,8 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         """Serve what is queued, asking again for a while the settles the database
         refuses (their emails are out), then end the thread (called once, at
         shutdown, after the actors and the mail threads have stopped)."""
-        self._stop_deadline = time.monotonic() + STOP_PATIENCE_SECONDS
         with self._waiting_lock:
+            self._stop_deadline = time.monotonic() + STOP_PATIENCE_SECONDS
             waiting, self._waiting = self._waiting, {}
         for request in waiting.values():
             self.put(request)  # their timers will not fire once the worker stops
@@ -208,15 +208,17 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         return []
 
     def _ask_again(self, orphans: list[_Settle]) -> list[_Settle]:
-        if self._stop_deadline is None:
-            with self._waiting_lock:
+        with self._waiting_lock:  # `stop` either sees them waiting or is seen here
+            deadline = self._stop_deadline
+            if deadline is None:
                 self._waiting.update((id(orphan), orphan) for orphan in orphans)
+        if deadline is None:
             for orphan in orphans:
                 self._schedule(ORPHAN_RETRY_SECONDS, functools.partial(self._wake, orphan))
             return []
         # Stopping: no timer will fire any more, so wait here, as long as the stop
         # allows.
-        if not orphans or time.monotonic() + self._stop_pause > self._stop_deadline:
+        if not orphans or time.monotonic() + self._stop_pause > deadline:
             return []
         time.sleep(self._stop_pause)
         self._stop_pause = min(STOP_RETRY_MAX_SECONDS, self._stop_pause * 2)
