@@ -485,14 +485,17 @@ def test_a_flush_half_sent_as_the_database_goes_away_settles_both_halves_once(
         assert "crashed" not in worker.output()
 
 
-def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
-    tmp_path: Path,
+@pytest.mark.parametrize("database_back", [True, False],
+                         ids=["database-back-by-the-stop", "database-still-away"])
+def test_a_worker_stopped_while_a_settle_waits_settles_it_on_its_way_out(
+    tmp_path: Path, database_back: bool,
 ) -> None:
     """An email goes out as the database restarts; its flush's settle fails and waits
-    to be asked again, and the worker is told to stop meanwhile. The settle is not
-    dropped with the actor: the worker records it on its way out, so the sent rows
-    do not go out again once their lease ends."""
-    handler = _DropsTheDatabaseMidSend()
+    (8 s) to be asked again, and the worker is told to stop meanwhile, with the
+    database back or still away. The settle is not dropped with the actor: the
+    draining worker asks until the database answers, exits 0, and the sent rows are
+    gone, so they do not go out again once their lease ends."""
+    handler = _DropsTheDatabaseMidSend(outage=OUTAGE_SECONDS if database_back else 5.0)
     with _mail_rig(tmp_path, handler,
                    RETRY_MIN_BACKOFF_MS="8000", RETRY_MAX_BACKOFF_MS="20000") as (web, worker):
         with web.client() as client:
@@ -500,29 +503,10 @@ def test_a_worker_stopped_while_a_settle_waits_to_be_asked_again_settles_it(
             event = message_event(USER, channels=("email",))
             assert client.post("/v1/events", json=event).status_code == 202
             wait_until(lambda: "the database call failed" in worker.output(), timeout=30,
-                       what="the settle to fail and wait (8 s) to be asked again")
-            time.sleep(OUTAGE_SECONDS + 0.5)  # the database is back; the actor still waits
+                       what="the settle to fail and wait to be asked again")
+            if database_back:
+                time.sleep(OUTAGE_SECONDS + 0.5)  # back; the actor still waits
             assert worker.terminate(timeout=60) == 0
-            assert _pending(client) == []
-        assert len(handler.received) == 1
-
-
-def test_a_worker_stopping_while_the_database_is_away_settles_before_it_exits(
-    tmp_path: Path,
-) -> None:
-    """An email goes out as the database restarts, and the worker is told to stop
-    while the database is still away: the draining worker keeps asking to settle the
-    flush until the database is back, then exits 0, and the sent rows are gone."""
-    handler = _DropsTheDatabaseMidSend(outage=5.0)
-    with _mail_rig(tmp_path, handler,
-                   RETRY_MIN_BACKOFF_MS="8000", RETRY_MAX_BACKOFF_MS="20000") as (web, worker):
-        with web.client() as client:
-            _put_user(client, period=1)
-            event = message_event(USER, channels=("email",))
-            assert client.post("/v1/events", json=event).status_code == 202
-            wait_until(lambda: "the database call failed" in worker.output(), timeout=30,
-                       what="the settle to fail during the restart")
-            assert worker.terminate(timeout=60) == 0  # the database is back within 5 s
             assert _pending(client) == []
         assert len(handler.received) == 1
 
