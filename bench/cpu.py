@@ -74,4 +74,3 @@ def per_event(before: Snapshot | None, after: Snapshot | None,
     total = after.machine_total - before.machine_total
     busy = (after.machine_busy - before.machine_busy) / total if total > 0 else None
     return dict(sorted(spent.items(), key=lambda kv: -kv[1])), busy
-
