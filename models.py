@@ -225,10 +225,10 @@ class _PostgresPool(PooledPostgresqlDatabase):
 
     A connection the server closed while it sat in the pool (a restart, a failover,
     an idle-session timeout) must not be handed to a request, which would fail. peewee
-    4 sends `SELECT 1` on every check-out to find out, a round trip per request;
-    peewee 3 does not look. Here, an idle connection whose socket has something to
-    read has heard from the server, which for a session that listens for nothing
-    means goodbye: reading it (`poll`) raises, and the connection is discarded.
+    sends `SELECT 1` on every check-out to find out, a round trip per request. Here,
+    an idle connection whose socket has something to read has heard from the server,
+    which for a session that listens for nothing means goodbye: reading it (`poll`)
+    raises, and the connection is discarded.
     """
 
     def _is_closed(self, conn: Any) -> bool:
@@ -293,7 +293,6 @@ def make_database(url: str) -> pw.Database:
             max_connections=PG_MAX_CONNECTIONS,
             stale_timeout=300,
             timeout=30,
-            autorollback=True,
             **{k: v for k, v in kwargs.items() if v is not None},
         )
     raise ValueError(f"unsupported DATABASE_URL scheme: {parts.scheme}")
