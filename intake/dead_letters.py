@@ -26,7 +26,12 @@ def record(
     attempts: int = 0,
     user_id: int | None = None,
 ) -> int:
-    """Store one dead letter durably and return its id."""
+    """Store one dead letter durably and return its id.
+
+    Inside a caller's transaction, the letter is counted and logged only once that
+    transaction commits: one rolled back (and asked again later) would otherwise
+    count, and alert on, a letter that was never stored.
+    """
     with db.atomic():
         row = DeadLetter.create(
             kind=kind,
@@ -36,16 +41,22 @@ def record(
             attempts=attempts,
             user_id=user_id,
         )
+        letter_id = int(row.id)
+        db.after_commit(lambda: _announce(letter_id, kind, queue, attempts, reason))
+    return letter_id
+
+
+def _announce(letter_id: int, kind: str, queue: str | None, attempts: int,
+              reason: str) -> None:
     DEAD_LETTERS.labels(kind).inc()
     logger.warning(
         "dead letter %s: kind=%s queue=%s attempts=%s reason=%s",
-        row.id,
+        letter_id,
         kind,
         queue,
         attempts,
         reason[:300],
     )
-    return int(row.id)
 
 
 def list_dead_letters(*, limit: int = 100, include_replayed: bool = False) -> list[DeadLetter]:

@@ -7,6 +7,7 @@ apart (one user's read state, one user's claim) is checked directly.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -20,8 +21,8 @@ from prometheus_client import REGISTRY
 from actors import _batch_store as store
 from actors._batch_claimer import ORPHAN_RETRY_SECONDS, BatchClaimer, Claimed, Settled
 from events import parse_event
+from models import DeadLetter, User, write_transaction
 from models import ScheduledMessageNotificationEmail as Row
-from models import User, write_transaction
 from tests.conftest import message_event
 from tests.harness import (
     InProcessHerald,
@@ -134,6 +135,43 @@ def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
     finally:
         claimer.stop()
         inbox.stop()
+
+
+class _CommitLost(Exception):
+    """The settle's transaction failing after its dead letter was written."""
+
+
+def test_a_settle_asked_again_counts_and_logs_its_dead_letter_once(
+    parts: InProcessHerald, caplog: pytest.LogCaptureFixture,
+) -> None:
+    _record(parts, [9], due=time.time() - 1)
+    batches, _ = parts.db(lambda: store.claim_batches([9], (), "group-1"))
+    refused = store.Settlement(batches[9].claim_id, 9, [], [
+        store.Unsent(sorted(batches[9].messages), "550 mailbox unavailable", transient=False),
+    ])
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value(
+            "herald_dead_letters_total", {"kind": "email_batch"}) or 0.0
+
+    def settle_then_fail() -> None:
+        with write_transaction():
+            store.settle([refused], [9], _POLICY)
+            raise _CommitLost
+
+    before = counted()
+    with caplog.at_level(logging.WARNING, logger="herald.dead_letters"):
+        with pytest.raises(_CommitLost):
+            parts.db(settle_then_fail)
+        # Rolled back: no letter stored, so none counted or logged.
+        assert parts.db(lambda: DeadLetter.select().count()) == 0
+        assert counted() == before and not caplog.records
+        parts.db(lambda: store.settle([refused], [9], _POLICY))  # asked again
+    assert parts.db(lambda: DeadLetter.select().count()) == 1
+    assert parts.db(lambda: Row.select().where(Row.user_id == 9).count()) == 0
+    assert counted() == before + 1
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"dead letter {parts.db(lambda: DeadLetter.get().id)}"]
 
 
 def _if_handed_back(claimed: dict[tuple[int, int], str | None]) -> Any:
