@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,7 @@ class InProcessHerald:
         assert response.status_code == 200, response.text
         return response.json()  # type: ignore[no-any-return]
 
-    def post_events(self, *events: dict[str, Any]) -> httpx.Response:
+    def post_events(self, *events: dict[str, Any]) -> httpx2.Response:
         body: Any = events[0] if len(events) == 1 else {"events": list(events)}
         return self.client.post("/v1/events", json=body)
 
