@@ -13,6 +13,14 @@ EVENTS_ACCEPTED = Counter(
 EVENTS_PROCESSED = Counter(
     "herald_events_processed_total", "Queued events whose work finished", ["queue"]
 )
+EVENT_AGE = Histogram(
+    "herald_event_age_seconds",
+    "Time from a queue message's first publish to the end of its work, retries included "
+    "(the publishing process's clock against the worker's)",
+    ["queue"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800,
+             3600),
+)
 EVENTS_RETRIED = Counter(
     "herald_events_retried_total", "Queued events scheduled for another try", ["queue"]
 )

@@ -558,12 +558,22 @@ def test_retry_after_is_a_floor(
     fake_fcm.script(android, [(429, "QUOTA_EXCEEDED", {"Retry-After": "2"})])
 
     progress = Progress()
+    ages_before = _ages()
     post(h, push_event(7))
     progress.wait(1, timeout=30)
     for fake in (fake_apns, fake_fcm):
         tries = arrivals(fake, {apple, android})
         assert [r.status for _, r in tries] == [429, 200]
         assert tries[1][0] - tries[0][0] >= 2.0
+    # The event's age is observed once, when it is done, and counts the wait.
+    count, total = (after - before for after, before in zip(_ages(), ages_before,
+                                                            strict=True))
+    assert count == 1 and 2.0 <= total < 30
+
+
+def _ages(queue: str = "push.shard0") -> tuple[float, float]:
+    return (sample("herald_event_age_seconds_count", queue=queue),
+            sample("herald_event_age_seconds_sum", queue=queue))
 
 
 def test_retry_budget_exhausted_goes_to_the_dead_letter_store(

@@ -1,7 +1,8 @@
-"""Counts every queue event's fate by queue name."""
+"""Counts every queue event's fate by queue name, and times how old its message was."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import dramatiq
@@ -10,14 +11,17 @@ from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 
 from intake.middleware.retries import EventsFailed, event_count
-from metrics import EVENTS_PROCESSED
+from metrics import EVENT_AGE, EVENTS_PROCESSED
 
 
 class IntakeMetrics(Middleware):
-    """Counts events processed per queue (retries and failures are counted where decided).
+    """Counts events processed per queue (retries and failures are counted where decided)
+    and observes each finished message's age (`herald_event_age_seconds`).
 
     A message may carry several events; each counts, and when some of them failed
-    (`EventsFailed`) the others still count as processed.
+    (`EventsFailed`) the others still count as processed. The age runs from the
+    message's first publish (a retry keeps its message's timestamp) to the end of the
+    work that finished it: for a push, the providers' answers recorded.
     """
 
     def after_process_message(
@@ -28,9 +32,14 @@ class IntakeMetrics(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
+        queue = q_name(message.queue_name)
         if exception is None:
-            EVENTS_PROCESSED.labels(q_name(message.queue_name)).inc(event_count(message))
+            done = event_count(message)
         elif isinstance(exception, EventsFailed):
             done = event_count(message) - len(exception.failures)
-            if done > 0:
-                EVENTS_PROCESSED.labels(q_name(message.queue_name)).inc(done)
+        else:
+            return
+        if done > 0:
+            EVENTS_PROCESSED.labels(queue).inc(done)
+            age = time.time() - message.message_timestamp / 1000
+            EVENT_AGE.labels(queue).observe(max(0.0, age))
