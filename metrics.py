@@ -13,6 +13,11 @@ EVENTS_ACCEPTED = Counter(
 EVENTS_PROCESSED = Counter(
     "herald_events_processed_total", "Queued events whose work finished", ["queue"]
 )
+MESSAGES_IN_PROGRESS = Gauge(
+    "herald_messages_in_progress",
+    "Queue messages this process is working on, each holding one of WORKER_THREADS",
+    ["queue"],
+)
 EVENT_AGE = Histogram(
     "herald_event_age_seconds",
     "Time from a queue message's first publish to the end of its work, retries included "

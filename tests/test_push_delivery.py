@@ -450,10 +450,14 @@ def test_message_deleted_waits_for_the_push_in_flight(
     add_device(h, 7, "apns", apple)
     fake_apns.delay = 1.0  # APNs takes a second to answer the push
     mid = new_id()
+    idle = _in_progress()
     post(h, push_event(7, mid))
     wait_until(lambda: apns_for(fake_apns, apple), what="push to reach APNs")
     post(h, {"type": "message_deleted", "message_ids": [mid]})
+    # Both messages hold a worker thread: the push waiting for APNs, the delete for it.
+    wait_until(lambda: _in_progress() == idle + 2, what="two messages in progress")
     wait_until(lambda: len(apns_for(fake_apns, apple)) == 2, what="remove")
+    wait_until(lambda: _in_progress() == idle, what="no message in progress")
     assert [apns_event(r) for r in apns_for(fake_apns, apple)] == [
         ("message", str(mid)), ("remove", str(mid))]
     times = [t for t, _ in arrivals(fake_apns, {apple})]
@@ -569,6 +573,10 @@ def test_retry_after_is_a_floor(
     count, total = (after - before for after, before in zip(_ages(), ages_before,
                                                             strict=True))
     assert count == 1 and 2.0 <= total < 30
+
+
+def _in_progress(queue: str = "push.shard0") -> float:
+    return sample("herald_messages_in_progress", queue=queue)
 
 
 def _ages(queue: str = "push.shard0") -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Counts every queue event's fate by queue name, and times how old its message was."""
+"""Counts every queue event's fate by queue name, the messages in progress, and how old
+each message was when its work ended."""
 
 from __future__ import annotations
 
@@ -11,18 +12,26 @@ from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 
 from intake.middleware.retries import EventsFailed, event_count
-from metrics import EVENT_AGE, EVENTS_PROCESSED
+from metrics import EVENT_AGE, EVENTS_PROCESSED, MESSAGES_IN_PROGRESS
 
 
 class IntakeMetrics(Middleware):
-    """Counts events processed per queue (retries and failures are counted where decided)
-    and observes each finished message's age (`herald_event_age_seconds`).
+    """Counts events processed per queue (retries and failures are counted where decided),
+    the messages being worked on (`herald_messages_in_progress`: when it stays near
+    `WORKER_THREADS`, messages wait in the queue for a thread), and observes each
+    finished message's age (`herald_event_age_seconds`).
 
     A message may carry several events; each counts, and when some of them failed
     (`EventsFailed`) the others still count as processed. The age runs from the
     message's first publish (a retry keeps its message's timestamp) to the end of the
     work that finished it: for a push, the providers' answers recorded.
     """
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        MESSAGES_IN_PROGRESS.labels(q_name(message.queue_name)).inc()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        MESSAGES_IN_PROGRESS.labels(q_name(message.queue_name)).dec()
 
     def after_process_message(
         self,
@@ -33,6 +42,7 @@ class IntakeMetrics(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         queue = q_name(message.queue_name)
+        MESSAGES_IN_PROGRESS.labels(queue).dec()
         if exception is None:
             done = event_count(message)
         elif isinstance(exception, EventsFailed):
