@@ -255,6 +255,24 @@ class _HeraldProtocol(APNsTLSClientProtocol):
         super().__init__(apns_topic, loop, on_connection_lost, auth_provider)
         self._h2 = _FlowControlledH2Connection()
         self.conn = self._h2
+        self._last_active = 0.0
+
+    def refresh_inactivity_timer(self) -> None:
+        # aioapns cancels and schedules its idle timer on every write, so a timer per push.
+        # Noting the time is enough: the one timer looks when it fires, and waits out the
+        # rest if the connection was used meanwhile.
+        self._last_active = self.loop.time()
+        if self.inactivity_timer is None or self.inactivity_timer.cancelled():
+            self.inactivity_timer = self.loop.call_later(self.INACTIVITY_TIME,
+                                                         self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        idle = self.loop.time() - self._last_active
+        if idle >= self.INACTIVITY_TIME:
+            self.close()
+            return
+        self.inactivity_timer = self.loop.call_later(self.INACTIVITY_TIME - idle,
+                                                     self._close_if_idle)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from delivery import apns
 from delivery.apns import (
     JWT_MIN_REFRESH_SECONDS,
     JWT_REFRESH_SECONDS,
@@ -383,6 +384,24 @@ def test_sequential_sends_reuse_one_connection_and_close_releases_it(
     assert run_with(make_sender(fake, key), several) == 1
     assert fake.connections_total == 1
     assert wait_until(lambda: fake.connections_open == 0)
+
+
+def test_an_idle_connection_closes_and_a_busy_one_stays_open(
+    fake: FakeApns, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apns._HeraldProtocol, "INACTIVITY_TIME", 0.5)
+
+    async def work(sender: ApnsSender) -> tuple[int, int, int]:
+        for _ in range(8):  # in use for about 1.2 s, longer than the idle time
+            assert (await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)).ok
+            await asyncio.sleep(0.15)
+        busy = fake.connections_total
+        await asyncio.sleep(1.0)  # then idle for longer than the idle time
+        idle_open = fake.connections_open
+        assert (await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)).ok
+        return busy, idle_open, fake.connections_total
+
+    assert run_with(make_sender(fake, key), work) == (1, 0, 2)
 
 
 def test_reconnects_after_the_server_drops_the_connection(fake: FakeApns, key: Key) -> None:
