@@ -387,6 +387,60 @@ def test_message_put_while_the_actor_goes_idle_is_not_stranded(pool: ActorPool) 
     ref.stop()
 
 
+class _QueueThatLooksFull(_QueueWithPause):
+    """`_QueueWithPause`, whose first `empty()` after the pause runs a second hook
+    before it answers (the answer, taken first, says a message is there)."""
+
+    def __init__(self, inner: queue.SimpleQueue[Any], hook: Callable[[], None],
+                 before_answer: Callable[[], None]) -> None:
+        super().__init__(inner, hook)
+        self._before_answer: Callable[[], None] | None = before_answer
+
+    def empty(self) -> bool:
+        answer = self._inner.empty()
+        if self._hook is None and not answer:
+            hook, self._before_answer = self._before_answer, None
+            if hook is not None:
+                hook()
+        return answer
+
+
+def test_a_message_another_slice_took_meanwhile_does_not_crash_the_actor(
+    pool: ActorPool,
+) -> None:
+    log: list[Any] = []
+    ref = on_pool(pool, Recorder).start(log)
+    ref.ask("get", timeout=WAIT_S)
+    inbox = ref.actor_inbox
+    assert wait_until(lambda: not inbox._token.locked())
+
+    def send(message: str) -> None:
+        sender = threading.Thread(target=ref.tell, args=(message,))
+        sender.start()
+        sender.join()
+
+    meanwhile_done = threading.Event()
+
+    def another_slice_runs_meanwhile() -> None:
+        # The slice going idle has released its token and seen this message. Before
+        # it takes the token back, a second slice (queued by this send, which finds
+        # the token free) handles everything and goes idle in turn.
+        send("second")
+        wait_until(lambda: log[-1:] == ["second"] and not inbox._token.locked())
+        meanwhile_done.set()
+
+    inbox._queue = _QueueThatLooksFull(inbox._queue, lambda: send("sneaked in"),
+                                       another_slice_runs_meanwhile)
+    ref.tell("wake up")
+    # Nothing is sent until the first slice has gone on: a message would take the token.
+    assert meanwhile_done.wait(WAIT_S)
+    assert log == ["start", "wake up", "sneaked in", "second"]
+    # The first slice found the inbox empty after all and went idle: the actor lives.
+    assert wait_until(lambda: not inbox._token.locked())
+    assert ref.ask("get", timeout=WAIT_S) == ["start", "wake up", "sneaked in", "second"]
+    ref.stop()
+
+
 def test_ten_thousand_actors_on_four_threads(pool: ActorPool) -> None:
     threads_before = threading.active_count()
     os_threads_before = os_thread_count()

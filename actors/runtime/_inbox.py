@@ -19,7 +19,10 @@ single "run token" per inbox, a `threading.Lock`:
 - a slice that finds the inbox empty releases the token, then looks at the
   inbox once more; a message that arrived in between is either seen by that
   second look (and the slice takes the token back and carries on) or its
-  producer took the token and queued the actor again.
+  producer took the token and queued the actor again. When the slice that
+  producer queued has already handled the message by the time the first one
+  takes the token back, the first finds nothing, releases the token and
+  looks again.
 
 Either way no message is left in an idle inbox, and only one thread at a time
 runs the actor.
@@ -140,8 +143,14 @@ class PooledInbox:
         # the release; its own acquire failed, so one of us must still run
         # the actor. If the producer wins the token instead, it has queued
         # the actor and this slice must go.
-        if not self._queue.empty() and self._token.acquire(blocking=False):
-            return self._queue.get_nowait()
+        while not self._queue.empty() and self._token.acquire(blocking=False):
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                # Between our look and our acquire, a producer took the free
+                # token, and the slice it queued handled that message and went
+                # idle. Give the token back and look again.
+                self._token.release()
         raise _InboxIdle
 
     def empty(self) -> bool:
