@@ -370,12 +370,13 @@ def _settle_partly(settlement: Settlement, policy: RetryPolicy) -> None:
         mine = (Row.claimed_by == claim_id) & Row.message_id.in_(unsent.message_ids)
         tries = int(Row.select(pw.fn.MAX(Row.attempts)).where(mine).scalar() or 0) + 1
         if unsent.transient and tries < policy.max_tries:
-            Row.update(
+            handed_back = Row.update(
                 claimed_by=None, claimed_until=None, attempts=tries,
                 scheduled_timestamp=time.time() + policy.delay_for(tries),
             ).where(mine).execute()
-            logger.info("email for user %s: try %d failed, will retry: %s",
-                        user_id, tries, unsent.reason[:200])
+            if handed_back:  # none: handed back already (this settle, asked again)
+                logger.info("email for user %s: try %d failed, will retry: %s",
+                            user_id, tries, unsent.reason[:200])
             continue
         reason = (f"gave up after {tries} tries: {unsent.reason}" if unsent.transient
                   else unsent.reason)
