@@ -18,18 +18,19 @@ NOT_INSTALLED = {"tests", "bench", "build", "dist"}
 
 def _project_modules() -> list[str]:
     names = []
-    for path in sorted(ROOT.rglob("*.py")):
-        relative = path.relative_to(ROOT)
-        if relative.parts[0] in NOT_INSTALLED or relative.parts[0].startswith("."):
+    for top in sorted(ROOT.iterdir()):
+        if top.name in NOT_INSTALLED or top.name.startswith(".") or top.name.endswith(".egg-info"):
             continue
-        if any(part.endswith(".egg-info") or part == "__pycache__" for part in relative.parts):
-            continue
-        if relative.parts[0] == "migrations" and len(relative.parts) > 1:
-            continue  # migration files are loaded by path, not imported
-        parts = list(relative.with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        names.append(".".join(parts))
+        for path in sorted(top.rglob("*.py")) if top.is_dir() else [top]:
+            relative = path.relative_to(ROOT)
+            if path.suffix != ".py" or "__pycache__" in relative.parts:
+                continue
+            if relative.parts[0] == "migrations" and path.name != "__init__.py":
+                continue  # migration files are loaded by path, not imported
+            parts = list(relative.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            names.append(".".join(parts))
     return names
 
 
