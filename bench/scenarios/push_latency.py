@@ -23,6 +23,10 @@ the HTTP/2 connections and are not counted. While the paced events are published
 CPU time of each process (the bench process, with the worker when it runs in-process;
 the worker; the fake; RabbitMQ; PostgreSQL) is read from /proc and printed per event,
 with how busy the cores were.
+--rounds N repeats the paced publishing N times on the same worker, fake and database
+(fresh users each time), prints each round's p50 and p99, and reports and judges the
+round with the median p50: on a shared 2-core machine one run's p50 varies by a factor
+of two or more.
 Goals: p50 <= 10 ms, p99 <= 50 ms."""
 
 
@@ -35,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="events per second (default 750)")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="how long to publish (default 10)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="paced rounds on the same rig, each after the one before has "
+                             "drained; the round with the median p50 is reported and "
+                             "judged (default 1)")
     parser.add_argument("--warmup", type=int, default=200,
                         help="uncounted events sent first (default 200)")
     parser.add_argument("--publish-threads", type=int, default=DEFAULT_PUBLISH_THREADS,
@@ -80,9 +88,11 @@ def _pace(publish: Any, bodies: list[dict[str, Any]], rate: float, limit_s: floa
 def run(args: argparse.Namespace) -> dict[str, Any]:
     n = int(args.rate * args.seconds)
     warm = max(0, args.warmup)
-    users = list(range(1, warm + n + 1))
+    rounds = max(1, args.rounds)
+    users = list(range(1, warm + rounds * n + 1))
     bodies = [common.message_event(u, 3_000_000 + u, ("push",)) for u in users]
 
+    published: list[tuple[list[float | None], float, Any]] = []
     with pushrig.rig(args, users) as rig:
         rig.start_workers()
         publish = rig.herald.api.publisher.publish
@@ -91,62 +101,105 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   args.publish_threads)
             common.wait_for_count(lambda: int(rig.fake.stats()["count"]), warm, 60, "warm-up",
                                   0.1, "push")
-        began, cpu_before = time.perf_counter(), cpu.snapshot()
-        paced = _pace(publish, bodies[warm:], args.rate, args.seconds * 3, "paced publish",
-                      args.publish_threads)
-        publish_s, cpu_after = time.perf_counter() - began, cpu.snapshot()
-        sent = sum(1 for t in paced if t is not None)
-        cpu_ms, busy = cpu.per_event(cpu_before, cpu_after, sent)
-        _seen, _ = common.wait_for_count(lambda: int(rig.fake.stats()["count"]) - warm, sent,
-                                        120, "pushes accepted", 0.1, "push")
+        accepted = warm
+        for r in range(rounds):
+            first = warm + r * n
+            began, cpu_before = time.perf_counter(), cpu.snapshot()
+            paced = _pace(publish, bodies[first:first + n], args.rate, args.seconds * 3,
+                          "paced publish" if rounds == 1 else f"round {r + 1}/{rounds}",
+                          args.publish_threads)
+            publish_s, cpu_after = time.perf_counter() - began, cpu.snapshot()
+            sent = sum(1 for t in paced if t is not None)
+            published.append((paced, publish_s, cpu.per_event(cpu_before, cpu_after, sent)))
+            # Each round starts once the one before has drained: its backlog is not
+            # the next round's load.
+            accepted += sent
+            common.wait_for_count(lambda: int(rig.fake.stats()["count"]), accepted, 120,
+                                  "pushes accepted", 0.1, "push")
         log = rig.fake.log()
 
-    published_at = {common.apns_token(users[warm + i]): t for i, t in enumerate(paced)
-                    if t is not None}
-    stamps = sorted(published_at.values())
     arrived: dict[str, float] = {}
     for t, token, status in log:
-        if token in published_at and status == 200:
+        if status == 200:
             arrived.setdefault(token, t)
-    latencies = sorted(arrived[k] - published_at[k] for k in arrived)
+    results = [
+        _round_figures(args, {common.apns_token(users[warm + r * n + i]): t
+                              for i, t in enumerate(paced) if t is not None},
+                       arrived, publish_s, cpu_figures)
+        for r, (paced, publish_s, cpu_figures) in enumerate(published)
+    ]
+    # The round with the median p50 speaks for the run: one noisy round on a shared
+    # machine neither makes nor breaks it.
+    middle = sorted(results, key=lambda one: one["p50_s"] or 0.0)[(rounds - 1) // 2]
     figures = {
-        "target_rate": args.rate, "seconds": args.seconds, "published": sent,
-        "achieved_rate": sent / publish_s if publish_s else None, "accepted": len(latencies),
+        **{k: v for k, v in middle.items() if k not in ("latencies", "ordered")},
+        "target_rate": args.rate, "seconds": args.seconds, "rounds": rounds,
         "workers": args.workers or "in-process", "worker_threads": args.worker_threads,
         "shards": args.shards, "delay_ms": args.delay_ms,
         "publish_path": "intake.publisher.Publisher.publish (one event per call)",
         "publish_threads": args.publish_threads,
-        "p50_s": percentile(latencies, 50), "p90_s": percentile(latencies, 90),
-        "p99_s": percentile(latencies, 99), "max_s": latencies[-1] if latencies else None,
-        "cpu_ms_per_event": cpu_ms, "machine_busy": busy,
     }
+    if rounds > 1:
+        figures["round_p50_s"] = [one["p50_s"] for one in results]
+        figures["round_p99_s"] = [one["p99_s"] for one in results]
     say(f"push-latency ({args.backend}, worker "
         f"{figures['workers']}, fake delay {args.delay_ms:g} ms); events via "
         f"{figures['publish_path']}")
+    if rounds > 1:
+        say(table([
+            (f"round {r + 1}", f"p50 {fmt_ms(one['p50_s'])}, p99 {fmt_ms(one['p99_s'])}, "
+                               f"cores busy {_percent(one['machine_busy'])}")
+            for r, one in enumerate(results)
+        ]))
+        say(f"the round with the median p50 (round {results.index(middle) + 1}):")
     say(table([
-        ("published", f"{sent:,} at {fmt_rate(figures['achieved_rate'])} "
+        ("published", f"{middle['published']:,} at {fmt_rate(middle['achieved_rate'])} "
                       f"(target {args.rate:g}/s)"),
-        ("accepted by the fake", f"{len(latencies):,}"),
-        ("latency p50", fmt_ms(figures["p50_s"])),
-        ("latency p90", fmt_ms(figures["p90_s"])),
-        ("latency p99", fmt_ms(figures["p99_s"])),
-        ("latency max", fmt_ms(figures["max_s"])),
-        *((f"CPU per event, {group}", f"{ms:.2f} ms") for group, ms in cpu_ms.items()),
-        *([("the cores busy", f"{busy:.0%}")] if busy is not None else []),
+        ("accepted by the fake", f"{middle['accepted']:,}"),
+        ("latency p50", fmt_ms(middle["p50_s"])),
+        ("latency p90", fmt_ms(middle["p90_s"])),
+        ("latency p99", fmt_ms(middle["p99_s"])),
+        ("latency max", fmt_ms(middle["max_s"])),
+        *((f"CPU per event, {group}", f"{ms:.2f} ms")
+          for group, ms in middle["cpu_ms_per_event"].items()),
+        *([("the cores busy", _percent(middle["machine_busy"]))]
+          if middle["machine_busy"] is not None else []),
     ]))
-    ordered = sorted((published_at[k] - stamps[0], arrived[k] - published_at[k])
-                     for k in arrived) if stamps else []
     return {
         "figures": figures,
-        "goals": [goal("p50 latency (ms)", _ms(figures["p50_s"]), 10, higher_is_better=False,
+        "goals": [goal("p50 latency (ms)", _ms(middle["p50_s"]), 10, higher_is_better=False,
                        unit=" ms"),
-                  goal("p99 latency (ms)", _ms(figures["p99_s"]), 50, higher_is_better=False,
+                  goal("p99 latency (ms)", _ms(middle["p99_s"]), 50, higher_is_better=False,
                        unit=" ms")],
-        "series": {"latency_s": common.downsample(latencies, 5_000),
-                   "time_vs_latency": common.downsample(ordered, 3_000)},
-        "headline": {"p50 ms": _ms(figures["p50_s"]), "p99 ms": _ms(figures["p99_s"]),
-                     "events/s": figures["achieved_rate"]},
+        "series": {"latency_s": common.downsample(middle["latencies"], 5_000),
+                   "time_vs_latency": common.downsample(middle["ordered"], 3_000)},
+        "headline": {"p50 ms": _ms(middle["p50_s"]), "p99 ms": _ms(middle["p99_s"]),
+                     "events/s": middle["achieved_rate"]},
     }
+
+
+def _round_figures(args: argparse.Namespace, published_at: dict[str, float],
+                   arrived: dict[str, float], publish_s: float,
+                   cpu_figures: tuple[dict[str, float], float | None]) -> dict[str, Any]:
+    """One round's figures: its events' latencies, rate and CPU per event."""
+    latencies = sorted(arrived[k] - published_at[k] for k in published_at if k in arrived)
+    first = min(published_at.values(), default=0.0)
+    ordered = sorted((published_at[k] - first, arrived[k] - published_at[k])
+                     for k in published_at if k in arrived)
+    cpu_ms, busy = cpu_figures
+    return {
+        "published": len(published_at),
+        "achieved_rate": len(published_at) / publish_s if publish_s else None,
+        "accepted": len(latencies),
+        "p50_s": percentile(latencies, 50), "p90_s": percentile(latencies, 90),
+        "p99_s": percentile(latencies, 99), "max_s": latencies[-1] if latencies else None,
+        "cpu_ms_per_event": cpu_ms, "machine_busy": busy,
+        "latencies": latencies, "ordered": ordered,
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _ms(value: float | None) -> float | None:
