@@ -18,6 +18,17 @@ MESSAGES_IN_PROGRESS = Gauge(
     "Queue messages this process is working on, each holding one of WORKER_THREADS",
     ["queue"],
 )
+# Buckets for the steps of an event's way through a worker (seconds): fine around the
+# milliseconds a healthy push takes, coarse out to the consumers' hand-off timeout.
+STEP_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02,
+                0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+QUEUE_WAIT = Histogram(
+    "herald_queue_wait_seconds",
+    "Time from a queue message's publish to a worker thread starting its first try "
+    "(the publishing process's clock against the worker's)",
+    ["queue"],
+    buckets=STEP_BUCKETS,
+)
 EVENT_AGE = Histogram(
     "herald_event_age_seconds",
     "Time from a queue message's first publish to the end of its work, retries included "
@@ -60,4 +71,12 @@ PUSH_LATENCY = Histogram(
     "Time a provider took to answer one push",
     ["provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PUSH_STAGE = Histogram(
+    "herald_push_stage_seconds",
+    "Time a message push spent in each stage of a worker: handoff (from its worker thread "
+    "to its push engine), plan (the database decides whom to send to), send (until every "
+    "provider answered), record (the answers written)",
+    ["stage"],
+    buckets=STEP_BUCKETS,
 )

@@ -32,7 +32,7 @@ from delivery.outcomes import (
     TransientDeliveryError,
 )
 from events import MessageDeletedEvent, MessageEvent, ReadEvent
-from metrics import PUSH_LATENCY, PUSHES
+from metrics import PUSH_LATENCY, PUSH_STAGE, PUSHES
 from models import DATABASE_UNAVAILABLE
 from rendering.push import (
     Recipient,
@@ -63,6 +63,8 @@ LOOP_WAIT_SECONDS = 10.0
 # hand-off timeout, after which the event would be retried and sent twice.
 RECORD_PATIENCE_SECONDS = 60.0
 RECORD_RETRY_MAX_SECONDS = 5.0
+# The stages of a message push, in order, as `herald_push_stage_seconds` labels them.
+STAGES = ("handoff", "plan", "send", "record")
 
 
 @dataclass
@@ -73,6 +75,8 @@ class PushWork:
     command: dict[str, Any] | None
     reply: pykka.Future[Any]
     lock_key: Any = field(default=None)
+    # When the consumer's thread made it (`time.perf_counter()`): the hand-off starts.
+    created: float = field(default_factory=time.perf_counter)
 
 
 class PushEngine:
@@ -218,7 +222,10 @@ class PushEngine:
         if work.command is not None:
             await self._bouncer_command(work.command)
         elif isinstance(work.event, MessageEvent):
-            await self._push_message(work.event)
+            # The hand-off ends here, with the user's lock held.
+            stages = _StageClock(work.created)
+            stages.mark("handoff")
+            await self._push_message(work.event, stages)
         elif isinstance(work.event, ReadEvent):
             await self._remove(work.event.user_id, work.event.message_ids, mark_read=True)
         elif isinstance(work.event, MessageDeletedEvent):
@@ -234,8 +241,9 @@ class PushEngine:
 
     # Messages ------------------------------------------------------------------------
 
-    async def _push_message(self, event: MessageEvent) -> None:
+    async def _push_message(self, event: MessageEvent, stages: _StageClock) -> None:
         plan = await self._plan(event)
+        stages.mark("plan")
         if plan is None:
             return
         recipient: Recipient = plan.recipient
@@ -248,6 +256,7 @@ class PushEngine:
                 priority="high",
                 receipt_event=store.EVENT_MESSAGE,
                 message_id=event.message.id,
+                stages=stages,
             )
             return
         sends = []
@@ -261,8 +270,9 @@ class PushEngine:
                 fcm = fcm or fcm_data(recipient, event, redact=redact)
                 sends.append(self._send_fcm(device, fcm, "high"))
         results = await asyncio.gather(*sends)
+        stages.mark("send")
         await self._settle(plan.user_id, event.message.id, store.EVENT_MESSAGE,
-                           list(zip(plan.devices, results, strict=True)))
+                           list(zip(plan.devices, results, strict=True)), stages)
 
     async def _remove(self, user_id: int, message_ids: list[int], *, mark_read: bool) -> None:
         plan = await self._run_db(store.plan_remove, user_id, message_ids, mark_read)
@@ -289,10 +299,17 @@ class PushEngine:
         await self._run_db(store.clear_active, user_id, ids)
 
     async def _settle(
-        self, user_id: int, message_id: int, event: str, results: list[tuple[Any, SendResult]]
+        self,
+        user_id: int,
+        message_id: int,
+        event: str,
+        results: list[tuple[Any, SendResult]],
+        stages: _StageClock | None = None,
     ) -> None:
         """Record what each device said; raise to retry the devices that can be retried."""
         await self._record([(user_id, message_id, event, d, r) for d, r in results])
+        if stages is not None:
+            stages.mark("record")
         transient = [(d, r) for d, r in results if r.outcome is Outcome.TRANSIENT]
         if transient:
             floors = [r.retry_after for _, r in transient if r.retry_after]
@@ -345,6 +362,7 @@ class PushEngine:
         priority: str,
         receipt_event: str,
         message_id: int,
+        stages: _StageClock | None = None,
     ) -> None:
         apple = [d.token for d in plan.devices if d.kind == "apns"]
         android = [d.token for d in plan.devices if d.kind == "fcm"]
@@ -365,6 +383,8 @@ class PushEngine:
             raise
         PUSH_LATENCY.labels("bouncer").observe(time.perf_counter() - started)
         PUSHES.labels("bouncer", Outcome.DELIVERED.value).inc()
+        if stages is not None:
+            stages.mark("send")
         dead = set(result.deleted_android_devices) | set(result.deleted_apple_devices)
         outcomes = [
             (d, SendResult(Outcome.INVALID_DEVICE, "deleted by bouncer") if d.token in dead
@@ -373,6 +393,8 @@ class PushEngine:
         ]
         await self._record([(plan.user_id, message_id, receipt_event, d, r)
                             for d, r in outcomes])
+        if stages is not None:
+            stages.mark("record")
 
     async def _bouncer_command(self, command: dict[str, Any]) -> None:
         if self.bouncer is None:
@@ -384,6 +406,27 @@ class PushEngine:
             await self.bouncer.register(ios_app_id=command.get("ios_app_id"), **args)
         else:
             await self.bouncer.unregister(**args)
+
+
+class _StageClock:
+    """Times one message push's stages: each `mark(stage)` observes the time since the
+    previous mark (or since `since`, a `time.perf_counter()` reading) as
+    `herald_push_stage_seconds{stage}`. Runs on the engine's loop.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self, since: float) -> None:
+        self._last = since
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        _STAGE_HISTOGRAMS[stage].observe(now - self._last)
+        self._last = now
+
+
+# Bound once: a label lookup per observation would cost more than the observation.
+_STAGE_HISTOGRAMS = {stage: PUSH_STAGE.labels(stage) for stage in STAGES}
 
 
 class _Batched:

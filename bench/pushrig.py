@@ -37,17 +37,21 @@ class Rig:
     tmp: Any
     args: argparse.Namespace
     processes: list[Any] = field(default_factory=list)
+    # The worker processes' `/metrics` (empty: the worker runs in this process).
+    metrics_urls: list[str] = field(default_factory=list)
 
     def start_workers(self) -> None:
         if self.args.workers <= 0:
             common.start_worker(self.herald, self.args.worker_threads)
             return
-        from tests.harness import HeraldProcess
+        from tests.harness import HeraldProcess, free_port
 
         for _ in range(self.args.workers):
-            worker = HeraldProcess({**self.env, "LOG_LEVEL": "INFO"}, mode="worker",
-                                   cwd=self.tmp)
+            port = free_port()
+            worker = HeraldProcess({**self.env, "LOG_LEVEL": "INFO",
+                                    "METRICS_PORT": str(port)}, mode="worker", cwd=self.tmp)
             self.processes.append(worker)
+            self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
             worker.start(wait=False)
         from tests.harness import wait_until
 

@@ -575,6 +575,44 @@ def test_retry_after_is_a_floor(
     assert count == 1 and 2.0 <= total < 30
 
 
+def _steps() -> dict[str, tuple[float, float]]:
+    """(count, sum) of the queue wait on push.shard0 and of each push stage."""
+    found = {"queued": (sample("herald_queue_wait_seconds_count", queue="push.shard0"),
+                        sample("herald_queue_wait_seconds_sum", queue="push.shard0"))}
+    for stage in ("handoff", "plan", "send", "record"):
+        found[stage] = (sample("herald_push_stage_seconds_count", stage=stage),
+                        sample("herald_push_stage_seconds_sum", stage=stage))
+    return found
+
+
+def test_a_push_is_timed_step_by_step_and_a_retry_is_not_queue_wait(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns
+) -> None:
+    h = direct()
+    add_user(h, 7)
+    apple = apns_token()
+    add_device(h, 7, "apns", apple)
+    fake_apns.script(apple, [(503, "ServiceUnavailable", {})])
+    fake_apns.delay = 0.3  # every answer takes 0.3 s
+
+    before, ages_before = _steps(), _ages()
+    progress = Progress()
+    post(h, push_event(7))
+    progress.wait(1, timeout=30)
+    assert [r.status for r in apns_for(fake_apns, apple)] == [503, 200]
+    steps = {step: (count - before[step][0], total - before[step][1])
+             for step, (count, total) in _steps().items()}
+    # The queue wait is the first try's only: the retry's wait is its backoff.
+    assert steps["queued"][0] == 1
+    # Each try goes through every stage; the send stage holds the provider's answer.
+    assert {step: count for step, (count, _) in steps.items() if step != "queued"} == {
+        "handoff": 2, "plan": 2, "send": 2, "record": 2}
+    assert 0.6 <= steps["send"][1] < 0.6 + 10
+    # The steps add up to no more than the event's age (publish to done, backoff in).
+    age = _ages()[1] - ages_before[1]
+    assert 0.6 < sum(total for _, total in steps.values()) <= age
+
+
 def _in_progress(queue: str = "push.shard0") -> float:
     return sample("herald_messages_in_progress", queue=queue)
 
@@ -862,8 +900,14 @@ def test_bouncer_notify_carries_zulip_fields_and_devices_sync(
     assert registration.user_uuid == user_uuid and registration.ios_app_id == IOS_APP_ID
 
     mid = new_id()
+    before = _steps()
+    progress = Progress()
     post(h, push_event(7, mid))
     [notify] = wait_until(lambda: fake_bouncer.received("push/notify"), what="notify")
+    progress.wait(1)
+    # Through the bouncer too, the push is timed stage by stage.
+    assert [_steps()[stage][0] - before[stage][0] for stage in ("plan", "send", "record")] \
+        == [1, 1, 1]
     fields = notify.fields
     assert notify.status == 200
     assert fields["user_id"] == 7 and fields["user_uuid"] == user_uuid

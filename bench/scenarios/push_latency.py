@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from typing import Any
 
-from bench import common, cpu, pushrig
+from bench import common, cpu, pushrig, steps
 from bench.common import fmt_ms, fmt_rate, goal, percentile, say, table
 
 NAME = "push-latency"
@@ -22,7 +23,10 @@ event was parsed and published (one machine, one clock). --warmup events first o
 the HTTP/2 connections and are not counted. While the paced events are published, the
 CPU time of each process (the bench process, with the worker when it runs in-process;
 the worker; the fake; RabbitMQ; PostgreSQL) is read from /proc and printed per event,
-with how busy the cores were.
+with how busy the cores were. The worker's own step histograms (herald_queue_wait_seconds
+and herald_push_stage_seconds, read from its /metrics) say where the events' time went
+inside it: queued, handoff, plan, send, record (mean, and p50/p90 interpolated within
+the histograms' buckets).
 --rounds N repeats the paced publishing N times on the same worker, fake and database
 (fresh users each time), prints each round's p50 and p99, and reports and judges the
 round with the median p50 (for an even N, the lower of the middle two): on a shared
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Per round: each event's publish time, the publishing's seconds, CPU per event.
     published: list[tuple[list[float | None], float, tuple[dict[str, float], float | None]]] = []
+    # Per round: the worker's step histograms over the round.
+    round_steps: list[steps.Snapshot] = []
     with pushrig.rig(args, users) as rig:
         rig.start_workers()
         publish = rig.herald.api.publisher.publish
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accepted = warm
         for r in range(rounds):
             first = warm + r * n
+            steps_before = steps.snapshot(rig.metrics_urls)
             began, cpu_before = time.perf_counter(), cpu.snapshot()
             paced = _pace(publish, bodies[first:first + n], args.rate, args.seconds * 3,
                           "paced publish" if rounds == 1 else f"round {r + 1}/{rounds}",
@@ -117,6 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             accepted += sent
             common.wait_for_count(lambda: int(rig.fake.stats()["count"]), accepted, 120,
                                   "pushes accepted", 0.1, "push")
+            # The fake counts a push before the worker has recorded its answer.
+            common.wait_for_count(
+                functools.partial(steps.count_since, "record", steps_before, rig.metrics_urls),
+                sent, steps.SETTLE_SECONDS, "answers recorded", 0.2, "push")
+            round_steps.append(steps.difference(steps.snapshot(rig.metrics_urls),
+                                                steps_before))
         log = rig.fake.log()
 
     arrived: dict[str, float] = {}
@@ -124,9 +137,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if status == 200:
             arrived.setdefault(token, t)
     results = [
-        _round_figures({common.apns_token(users[warm + r * n + i]): t
-                              for i, t in enumerate(paced) if t is not None},
-                       arrived, publish_s, cpu_figures)
+        {**_round_figures({common.apns_token(users[warm + r * n + i]): t
+                           for i, t in enumerate(paced) if t is not None},
+                          arrived, publish_s, cpu_figures),
+         "steps": steps.summarise(round_steps[r])}
         for r, (paced, publish_s, cpu_figures) in enumerate(published)
     ]
     # The round with the median p50 speaks for the run: one noisy round on a shared
@@ -167,6 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         *([("the cores busy", _percent(middle["machine_busy"]))]
           if middle["machine_busy"] is not None else []),
     ]))
+    if middle["steps"]:
+        say("  in the worker, per event (herald_queue_wait_seconds, "
+            "herald_push_stage_seconds):")
+        say(table([
+            (f"  {step}", f"mean {fmt_ms(one['mean_s'])}, p50 ~{fmt_ms(one['p50_s'])}, "
+                          f"p90 ~{fmt_ms(one['p90_s'])}  ({one['count']:,.0f} events)")
+            for step, one in middle["steps"].items()
+        ]))
     return {
         "figures": figures,
         "goals": [goal("p50 latency (ms)", _ms(middle["p50_s"]), 10, higher_is_better=False,
