@@ -1,6 +1,6 @@
 """A FakeApns (tests.fakes.apns) in a process of its own, for the push benchmarks.
 
-    python -m bench.apns_server [--delay-ms 50]
+    python -m bench.apns_server [--delay-ms 50] [--nice 10]
 
 Prints one JSON line: `endpoint`, `ca_file`, `key_file`, `key_id`, `team_id` (the
 APNS_* settings a herald needs), then serves HTTP/2 over TLS on 127.0.0.1 until its
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,9 @@ class _CountingApns(FakeApns):
         self.log.append((time.time(), request.token, request.status))
 
 
-def serve(delay_ms: float) -> int:
+def serve(delay_ms: float, nice: int = 0) -> int:
+    if nice:
+        os.nice(nice)
     directory = Path(tempfile.mkdtemp(prefix="bench-apns-key-"))
     key_file, key_id, team_id, public_key = make_apns_key(directory)
     fake = _CountingApns(public_key=public_key, key_id=key_id, team_id=team_id,
@@ -81,11 +84,12 @@ def serve(delay_ms: float) -> int:
 class ApnsServerProcess:
     """Starts `python -m bench.apns_server` and talks to it (one caller at a time)."""
 
-    def __init__(self, delay_ms: float = 0.0) -> None:
+    def __init__(self, delay_ms: float = 0.0, nice: int = 0) -> None:
         from bench.common import ROOT, source_env
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.apns_server", "--delay-ms", str(delay_ms)],
+            [sys.executable, "-m", "bench.apns_server", "--delay-ms", str(delay_ms),
+             "--nice", str(nice)],
             cwd=ROOT, env=source_env({}), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True,
         )
@@ -148,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="milliseconds to wait before answering each request")
-    return serve(parser.parse_args(argv).delay_ms)
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run at this nice value (default 0)")
+    args = parser.parse_args(argv)
+    return serve(args.delay_ms, args.nice)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,13 @@ def wait_for_count(count: Callable[[], int], total: int, timeout: float, desc: s
             time.sleep(interval)
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Run the calling thread at `nice` (Linux keeps a nice value per thread; raising it
+    needs no privilege). 0 leaves the thread as it is."""
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 def publish_parallel(batches: Sequence[Any], send: Callable[[Any], int], threads: int,
                      desc: str, total: int, timeout: float = 600.0) -> float:
     """Run `send(batch)` for every batch on `threads` threads; returns seconds taken.

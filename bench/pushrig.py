@@ -27,6 +27,16 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{common.DEFAULT_WORKER_THREADS} = WORKER_THREADS' default)")
     parser.add_argument("--inflight-cap", type=int, default=None,
                         help="PUSH_INFLIGHT_CAP (default: herald's, 200)")
+    parser.add_argument("--rig-nice", type=int, default=0,
+                        help="nice value of the fake APNs and of push-latency's publisher "
+                             "threads (Linux). They stand in for the provider and the chat "
+                             "server, other machines in production; 10 lets herald, "
+                             "RabbitMQ and PostgreSQL go first when the cores are contended "
+                             "(default 0: all share the cores as equals)")
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="start the worker processes under `nice -n N` (--workers 1 "
+                             "or more; below 0 needs root), as an operator gives a worker "
+                             "priority on a host it shares (default 0)")
 
 
 @dataclass
@@ -49,7 +59,8 @@ class Rig:
         for _ in range(self.args.workers):
             port = free_port()
             worker = HeraldProcess({**self.env, "LOG_LEVEL": "INFO",
-                                    "METRICS_PORT": str(port)}, mode="worker", cwd=self.tmp)
+                                    "METRICS_PORT": str(port)}, mode="worker", cwd=self.tmp,
+                                   nice=self.args.worker_nice)
             self.processes.append(worker)
             self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
             worker.start(wait=False)
@@ -72,7 +83,11 @@ def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
     if args.workers > 0 and args.backend != "production":
         raise SystemExit("--workers needs --backend production (worker processes share "
                          "RabbitMQ and PostgreSQL)")
-    with ApnsServerProcess(args.delay_ms) as fake, common.backend(args.backend) as (env, tmp):
+    if args.worker_nice and args.workers <= 0:
+        raise SystemExit("--worker-nice needs --workers 1 or more (an in-process worker "
+                         "shares the bench's process)")
+    with ApnsServerProcess(args.delay_ms, args.rig_nice) as fake, \
+            common.backend(args.backend) as (env, tmp):
         env = {**env, **fake.env(common.CLIENT_TOPIC), "PUSH_SHARDS": str(args.shards),
                "WORKER_THREADS": str(args.worker_threads), "OUTBOX_DIR": str(tmp / "outbox")}
         if args.inflight_cap:

@@ -242,10 +242,13 @@ class HeraldProcess:
       env: configuration on top of a minimal environment.
       mode: "all", "web" or "worker".
       cwd: working directory (the outbox and the default SQLite file live there).
+      nice: start the process under `nice -n` this (0: as this process runs).
     """
 
-    def __init__(self, env: dict[str, str], mode: str = "all", cwd: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], mode: str = "all", cwd: Path | None = None,
+                 nice: int = 0) -> None:
         self.port = free_port()
+        self.nice = nice
         self.mode = mode
         self.cwd = cwd or ROOT
         self.env = {
@@ -267,8 +270,11 @@ class HeraldProcess:
 
     def start(self, wait: bool = True) -> HeraldProcess:
         handle = self.log.open("ab")
+        command = [sys.executable, str(ROOT / "supervisor.py"), self.mode]
+        if self.nice:
+            command = ["nice", "-n", str(self.nice), *command]
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "supervisor.py"), self.mode],
+            command,
             cwd=self.cwd, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
         )
         if wait and self.mode in ("all", "web"):

@@ -56,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pace(publish: Any, bodies: list[dict[str, Any]], rate: float, limit_s: float,
-          desc: str, threads: int) -> list[float | None]:
+          desc: str, threads: int, nice: int = 0) -> list[float | None]:
     """Publish `bodies` at `rate`/s on one schedule shared by `threads` publisher threads
     (event i is due at start + i/rate; thread k takes events k, k+threads, ...), so one
     publisher confirm's round trip does not cap the rate. Returns each event's ingest
-    time (time.time()), None for events not published.
+    time (time.time()), None for events not published. The threads run at `nice`.
 
     Never sleeps to catch up when behind; stops after `limit_s` seconds regardless.
     """
@@ -70,6 +70,7 @@ def _pace(publish: Any, bodies: list[dict[str, Any]], rate: float, limit_s: floa
     started = time.perf_counter() + 0.05  # every thread starts on the same schedule
     with common.progress(len(bodies), desc, "ev") as bar:
         def work(first: int) -> None:
+            common.lower_thread_priority(nice)
             for i in range(first, len(bodies), threads):
                 due = started + i / rate
                 now = time.perf_counter()
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publish = rig.herald.api.publisher.publish
         if warm:
             _pace(publish, bodies[:warm], min(args.rate, 500.0), 60, "warm-up",
-                  args.publish_threads)
+                  args.publish_threads, args.rig_nice)
             common.wait_for_count(lambda: int(rig.fake.stats()["count"]), warm, 60, "warm-up",
                                   0.1, "push")
         accepted = warm
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             began, cpu_before = time.perf_counter(), cpu.snapshot()
             paced = _pace(publish, bodies[first:first + n], args.rate, args.seconds * 3,
                           "paced publish" if rounds == 1 else f"round {r + 1}/{rounds}",
-                          args.publish_threads)
+                          args.publish_threads, args.rig_nice)
             publish_s, cpu_after = time.perf_counter() - began, cpu.snapshot()
             sent = sum(1 for t in paced if t is not None)
             published.append((paced, publish_s, cpu.per_event(cpu_before, cpu_after, sent)))
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shards": args.shards, "delay_ms": args.delay_ms,
         "publish_path": "intake.publisher.Publisher.publish (one event per call)",
         "publish_threads": args.publish_threads,
+        "rig_nice": args.rig_nice, "worker_nice": args.worker_nice,
     }
     if rounds > 1:
         figures["round_p50_s"] = [one["p50_s"] for one in results]
@@ -161,6 +163,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(f"push-latency ({args.backend}, worker "
         f"{figures['workers']}, fake delay {args.delay_ms:g} ms); events via "
         f"{figures['publish_path']}")
+    if args.rig_nice or args.worker_nice:
+        say(f"  nice: publishers and fake {args.rig_nice}, worker processes "
+            f"{args.worker_nice}")
     if rounds > 1:
         say(table([
             (f"round {r + 1}", f"p50 {fmt_ms(one['p50_s'])}, p99 {fmt_ms(one['p99_s'])}, "
