@@ -179,6 +179,14 @@ def add_device(h: InProcessHerald, user_id: int, kind: str, token: str) -> None:
     assert response.status_code == 201, response.text
 
 
+def user_with_an_apns_device(h: InProcessHerald, user_id: int) -> str:
+    """Adds a user with one APNs device; returns its token."""
+    add_user(h, user_id)
+    apple = apns_token()
+    add_device(h, user_id, "apns", apple)
+    return apple
+
+
 def user_with_both_devices(h: InProcessHerald, user_id: int) -> tuple[str, str]:
     """Adds a user with one APNs and one FCM device; returns (APNs token, FCM token)."""
     add_user(h, user_id)
@@ -445,9 +453,7 @@ def test_message_deleted_waits_for_the_push_in_flight(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple = apns_token()
-    add_device(h, 7, "apns", apple)
+    apple = user_with_an_apns_device(h, 7)
     fake_apns.delay = 1.0  # APNs takes a second to answer the push
     mid = new_id()
     idle = _in_progress()
@@ -536,9 +542,7 @@ def test_a_failed_push_is_logged_without_its_content_or_tokens(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple = apns_token()
-    add_device(h, 7, "apns", apple)
+    apple = user_with_an_apns_device(h, 7)
     fake_apns.script(apple, [(503, "ServiceUnavailable", {})])
 
     progress = Progress()
@@ -589,9 +593,7 @@ def test_a_push_is_timed_step_by_step_and_a_retry_is_not_queue_wait(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns
 ) -> None:
     h = direct()
-    add_user(h, 7)
-    apple = apns_token()
-    add_device(h, 7, "apns", apple)
+    apple = user_with_an_apns_device(h, 7)
     fake_apns.script(apple, [(503, "ServiceUnavailable", {})])
     fake_apns.delay = 0.3  # every answer takes 0.3 s
 
@@ -626,9 +628,7 @@ def test_retry_budget_exhausted_goes_to_the_dead_letter_store(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns
 ) -> None:
     h = direct(RETRY_MAX_TRIES="3")
-    add_user(h, 7)
-    apple = apns_token()
-    add_device(h, 7, "apns", apple)
+    apple = user_with_an_apns_device(h, 7)
     fake_apns.script(apple, [(503, "ServiceUnavailable", {})] * 20)
     mid = new_id()
     post(h, push_event(7, mid))
