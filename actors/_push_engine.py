@@ -1,10 +1,13 @@
 """The async delivery engine behind one PushActor.
 
 One thread per engine runs an asyncio event loop that owns the shard's provider
-clients (aioapns, firebase-admin, the bouncer client). Work arrives from the
-PushActor's thread through `submit()`; each piece takes the lock of its user first,
-so one user's pushes and removes run in arrival order, while different users' sends
-overlap up to `PUSH_INFLIGHT_CAP` per provider. Database calls run on a small
+clients (aioapns, firebase-admin, the bouncer client). A consumer thread first
+`admit`s its work: each piece takes its place in its user's line (`UserOrder`), and a
+message push with nothing of its user's ahead of it is planned there and then, on
+that thread (`GroupPlanner`). The work then reaches the loop through the PushActor
+and `submit()`, and runs when its turn in its user's line comes, so one user's pushes
+and removes run in the order they were taken, while different users' sends overlap up
+to `PUSH_INFLIGHT_CAP` per provider. The loop's own database calls run on a small
 executor so the loop never blocks on them.
 """
 
@@ -24,6 +27,8 @@ from typing import Any, TypeVar
 import pykka
 
 from actors import _push_store as store
+from actors._push_planner import GroupPlanner
+from actors._user_order import Place, UserOrder
 from delivery.outcomes import (
     DELIVERED,
     Outcome,
@@ -63,8 +68,11 @@ LOOP_WAIT_SECONDS = 10.0
 # hand-off timeout, after which the event would be retried and sent twice.
 RECORD_PATIENCE_SECONDS = 60.0
 RECORD_RETRY_MAX_SECONDS = 5.0
-# The stages of a message push, in order, as `herald_push_stage_seconds` labels them.
+# The stages of a message push, as `herald_push_stage_seconds` labels them. The plan
+# comes before the hand-off when the consumer's thread makes it, after it otherwise.
 STAGES = ("handoff", "plan", "send", "record")
+# `PushWork.plan` of work that the consumer's thread did not plan.
+UNPLANNED: Any = object()
 
 
 @dataclass
@@ -74,9 +82,14 @@ class PushWork:
     event: MessageEvent | ReadEvent | MessageDeletedEvent | None
     command: dict[str, Any] | None
     reply: pykka.Future[Any]
-    lock_key: Any = field(default=None)
-    # When the consumer's thread made it (`time.perf_counter()`): the hand-off starts.
+    # When the consumer's thread made it (`time.perf_counter()`): its stages start.
     created: float = field(default_factory=time.perf_counter)
+    # Its place in its user's line, once admitted.
+    place: Place | None = field(default=None)
+    # Its plan, when the consumer's thread made it (a PushPlan, or None for no push).
+    plan: Any = field(default=UNPLANNED)
+    # A message push's stage clock, started on the consumer's thread.
+    stages: _StageClock | None = field(default=None)
 
 
 class PushEngine:
@@ -102,7 +115,8 @@ class PushEngine:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
-        self._locks: dict[Any, list[Any]] = {}
+        self.order = UserOrder()
+        self._planner = GroupPlanner(store.plan_pushes, store.in_checked_out_connection)
         self._inflight: set[asyncio.Task[None]] = set()
         self.apns: Any = None
         self.fcm: Any = None
@@ -137,6 +151,52 @@ class PushEngine:
             self._thread.join(LOOP_WAIT_SECONDS)
         self._db.shutdown(wait=False)
 
+    # The consumer's thread ----------------------------------------------------------
+
+    def admit(self, works: list[PushWork]) -> list[PushWork]:
+        """Give each work its place in its user's line, and plan the message pushes
+        that have nothing of their user's ahead of them; returns the works still to
+        `submit`. The others are settled here: a push with no one to send to
+        (`reply` set to None), or a plan that failed (`reply` set to its exception).
+        Runs on a consumer thread.
+        """
+        ready = []
+        for work in works:
+            work.place = self.order.join(_line_key(work))
+            if work.place.first and isinstance(work.event, MessageEvent):
+                work.stages = _StageClock(work.created)
+                ready.append(work)
+        if ready:
+            try:
+                plans = self._planner([work.event for work in ready])
+            except Exception:
+                error = sys.exc_info()
+                for work in ready:
+                    work.plan = None
+                    self._settle_early(work, error)
+            else:
+                for work, plan in zip(ready, plans, strict=True):
+                    assert work.stages is not None
+                    work.stages.mark("plan")
+                    work.plan = plan
+                    if plan is None:
+                        self._settle_early(work, None)
+        return [work for work in works if work.plan is not None]
+
+    def _settle_early(self, work: PushWork, error: Any) -> None:
+        assert work.place is not None
+        self.order.leave(work.place)
+        if error is None:
+            work.reply.set(None)
+        else:
+            work.reply.set_exception(error)
+
+    def abandon(self, works: list[PushWork]) -> None:
+        """Leave the lines of works that will not reach the loop (any thread)."""
+        for work in works:
+            if work.place is not None:
+                self.order.leave(work.place)
+
     def submit(self, works: list[PushWork]) -> None:
         """Start `works` on the loop, in their order (one wake-up for the lot)."""
         assert self._loop is not None
@@ -156,6 +216,7 @@ class PushEngine:
         loop = _new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        self.order.attach(loop)
         cap = self.settings.PUSH_INFLIGHT_CAP
         self._apns_cap = asyncio.Semaphore(cap)
         self._fcm_cap = asyncio.Semaphore(cap)
@@ -198,21 +259,18 @@ class PushEngine:
             delay = min(RECORD_RETRY_MAX_SECONDS, delay * 2)
 
     @contextlib.asynccontextmanager
-    async def _serialised(self, key: Any) -> AsyncIterator[None]:
-        """Hold the lock of `key` (taken in arrival order); forget it once unused."""
-        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
+    async def _turn(self, place: Place) -> AsyncIterator[None]:
+        """Wait for `place` to head its line, and leave the line afterwards."""
         try:
-            async with entry[0]:
-                yield
+            await self.order.turn(place)
+            yield
         finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self._locks.pop(key, None)
+            self.order.leave(place)
 
     async def _process(self, work: PushWork) -> None:
         try:
-            async with self._serialised(_lock_key(work)):
+            place = work.place or self.order.join(_line_key(work))
+            async with self._turn(place):
                 await self._handle(work)
             work.reply.set(None)
         except BaseException:
@@ -222,10 +280,10 @@ class PushEngine:
         if work.command is not None:
             await self._bouncer_command(work.command)
         elif isinstance(work.event, MessageEvent):
-            # The hand-off ends here, with the user's lock held.
-            stages = _StageClock(work.created)
+            # The hand-off ends here, at the head of the user's line.
+            stages = work.stages or _StageClock(work.created)
             stages.mark("handoff")
-            await self._push_message(work.event, stages)
+            await self._push_message(work.event, stages, work.plan)
         elif isinstance(work.event, ReadEvent):
             await self._remove(work.event.user_id, work.event.message_ids, mark_read=True)
         elif isinstance(work.event, MessageDeletedEvent):
@@ -234,16 +292,20 @@ class PushEngine:
                 self.settings.PUSH_SHARDS,
             )
             for user_id in users:
-                # Under the user's own lock, so the remove never overtakes (or runs
-                # alongside) a push of that user still being sent.
-                async with self._serialised(("user", user_id)):
+                # In the user's own line, so the remove never overtakes (or runs
+                # alongside) a push of that user taken before it.
+                async with self._turn(self.order.join(("user", user_id))):
                     await self._remove(user_id, work.event.message_ids, mark_read=False)
 
     # Messages ------------------------------------------------------------------------
 
-    async def _push_message(self, event: MessageEvent, stages: _StageClock) -> None:
-        plan = await self._plan(event)
-        stages.mark("plan")
+    async def _push_message(self, event: MessageEvent, stages: _StageClock,
+                            plan: Any = UNPLANNED) -> None:
+        if plan is UNPLANNED:
+            # Something of this user's was ahead of it when it was taken: plan it now,
+            # after that, as the order of the user's events asks.
+            plan = await self._plan(event)
+            stages.mark("plan")
         if plan is None:
             return
         recipient: Recipient = plan.recipient
@@ -411,7 +473,8 @@ class PushEngine:
 class _StageClock:
     """Times one message push's stages: each `mark(stage)` observes the time since the
     previous mark (or since `since`, a `time.perf_counter()` reading) as
-    `herald_push_stage_seconds{stage}`. Runs on the engine's loop.
+    `herald_push_stage_seconds{stage}`. Marked on the consumer's thread (a plan made
+    there), then on the engine's loop.
     """
 
     __slots__ = ("_last",)
@@ -500,12 +563,13 @@ def _record_all(groups: list[list[store.Settled]]) -> list[None]:
     return [None] * len(groups)
 
 
-def _lock_key(work: PushWork) -> Any:
+def _line_key(work: PushWork) -> Any:
     if work.command is not None:
         return ("user", work.command.get("user_id"))
     event = work.event
     if isinstance(event, MessageEvent | ReadEvent):
         return ("user", event.user_id)
+    # A deletion is for many users: each of its removes joins its user's line itself.
     return ("deleted", id(work))
 
 

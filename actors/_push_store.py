@@ -1,6 +1,7 @@
 """The push side's database work: what to send to whom, and recording what happened.
 
-Every function runs on a database thread of a push engine, inside `in_connection`.
+Every function runs on a database thread of a push engine, inside `in_connection`, or
+(`plan_pushes`) on a consumer thread, inside `in_checked_out_connection`.
 State makes delivery idempotent and order-proof: a receipt per (message, device)
 means a retry resends only to devices that have not accepted (or permanently refused)
 it yet; a message already read or deleted is never pushed, so a remove processed first
@@ -87,6 +88,19 @@ class RemovePlan:
 def in_connection(fn: Callable[..., T], *args: Any) -> T:
     # The engine's database threads are few and long-lived: each keeps its connection.
     return in_thread_connection(fn, *args)
+
+
+def in_checked_out_connection(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` on a connection held for this call only (from the pool, on PostgreSQL).
+
+    For consumer threads: there are many of them (`WORKER_THREADS`), so keeping a
+    connection each would take as many from the pool, for a call that few of them
+    make at any one time.
+    """
+    if not db.is_closed():
+        return fn(*args)  # this thread holds one already
+    with db.connection_context():
+        return fn(*args)
 
 
 def recipient_of(user: User) -> Recipient:

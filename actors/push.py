@@ -1,14 +1,16 @@
 """PushActor: one per push shard, owning that shard's deliveries.
 
 The actor's own thread only hands work to its `PushEngine` (an asyncio loop on a
-second thread), in mailbox order; the engine keeps each user's work in that order
-while sends for different users overlap.
+second thread), in mailbox order; the engine keeps each user's work in the order the
+consumer threads took it, while sends for different users overlap. The consumer
+threads also reach the engine directly (`PushEngine.admit`), to take their places in
+line and plan; the actor owns the engine's life: it starts it, and stops it when it
+stops or crashes.
 """
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
 from typing import Any, cast
 
 import pykka
@@ -16,31 +18,22 @@ import pykka
 from actors._push_engine import PushEngine, PushWork
 from actors.supervision import SupervisedMixin
 from delivery.outcomes import TransientDeliveryError
-from settings import Settings
 
 
 class PushActor(SupervisedMixin, pykka.ThreadingActor):
     """Delivers one shard's pushes and removes.
 
     Parameters:
-      settings: provider credentials, caps and timeouts.
-      shard: the shard number.
+      engine: the shard's engine, new and not started (the actor starts and stops it).
       supervisor_ref: the ShardRouter.
-      providers: optional factory for the provider clients (see `PushEngine`).
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        shard: int,
-        supervisor_ref: pykka.ActorRef[Any] | None,
-        providers: Callable[[Settings], tuple[Any, Any, Any]] | None = None,
-    ) -> None:
+    def __init__(self, engine: PushEngine, supervisor_ref: pykka.ActorRef[Any] | None) -> None:
         super().__init__()
-        self.shard = shard
+        self.shard = engine.shard
         self.supervisor_ref = supervisor_ref
-        self.supervision_key = shard
-        self.engine = PushEngine(settings, shard, providers)
+        self.supervision_key = engine.shard
+        self.engine = engine
 
     def on_start(self) -> None:
         self.engine.start()

@@ -1,7 +1,8 @@
 """ShardRouter: starts and supervises one PushActor per shard and publishes where they are.
 
-Routing is a table lookup: the router publishes {shard: PushActor ref} whenever a
-child starts or goes, and the consumer threads tell the shard's PushActor directly.
+Routing is a table lookup: the router publishes {shard: PushShard} (the PushActor and
+its engine) whenever a child starts or goes, and the consumer threads hand work to the
+shard's engine and PushActor directly.
 Passing every push through the router's own mailbox as well cost a thread hand-off per
 push (under one GIL, a measurable share of a push's CPU) and bought nothing: the
 consumer threads race each other anyway, and the PushEngine's per-user locks, not
@@ -12,17 +13,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
+from actors._push_engine import PushEngine
 from actors.push import PushActor
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
 from settings import Settings
 
 logger = logging.getLogger("herald.push")
 
-ShardTable = dict[int, pykka.ActorRef[Any]]
+
+
+@dataclass(frozen=True)
+class PushShard:
+    """One shard as the consumer threads see it: its PushActor and the actor's engine."""
+
+    actor: pykka.ActorRef[Any]
+    engine: PushEngine
+
+
+ShardTable = dict[int, PushShard]
 
 
 class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
@@ -33,7 +46,7 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
       supervisor_ref: the root supervisor.
       providers: optional provider factory passed to every PushActor (tests, bench).
       schedule: how to run a restart after a delay (default: a timer thread).
-      publish: called (on the router's thread) with the current {shard: PushActor}
+      publish: called (on the router's thread) with the current {shard: PushShard}
         table whenever it changes.
     """
 
@@ -51,7 +64,7 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         self.supervisor_ref = supervisor_ref
         self.supervision_key = "shard_router"
         self._providers = providers
-        self._children: dict[int, pykka.ActorRef[PushActor]] = {}
+        self._children: dict[int, PushShard] = {}
         self._init_supervision(
             "ShardRouter", settings.SUPERVISOR_MAX_RESTARTS,
             settings.SUPERVISOR_PERIOD_SECONDS, schedule,
@@ -78,15 +91,15 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         children = list(self._children.values())
         self._children.clear()
         self._publish_table()  # no new work for children on their way out
-        for ref in children:
+        for child in children:
             try:
-                ref.stop(block=True, timeout=30)
+                child.actor.stop(block=True, timeout=30)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
 
     def _current_child_urn(self, key: Any) -> str | None:
-        ref = self._children.get(key)
-        return ref.actor_urn if ref else None
+        child = self._children.get(key)
+        return child.actor.actor_urn if child else None
 
     def _forget_child(self, key: Any) -> None:
         self._children.pop(key, None)
@@ -94,9 +107,8 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
 
     def _restart(self, key: Any) -> None:
         shard = int(key)
-        self._children[shard] = PushActor.start(
-            self.settings, shard, self.actor_ref, self._providers
-        )
+        engine = PushEngine(self.settings, shard, self._providers)
+        self._children[shard] = PushShard(PushActor.start(engine, self.actor_ref), engine)
         self._publish_table()
 
     def _publish_table(self) -> None:

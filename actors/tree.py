@@ -37,7 +37,7 @@ from actors.batch import (
     retry_policy,
 )
 from actors.runtime import ActorPool, TimerWheel
-from actors.shard_router import ShardRouter, ShardTable
+from actors.shard_router import PushShard, ShardRouter, ShardTable
 from actors.supervision import ChildFailed, RestartChild, SupervisorMixin
 from delivery.outcomes import TransientDeliveryError
 from delivery.smtp import Mailer
@@ -147,7 +147,7 @@ class ActorTree:
         self._mailer_factory = mailer_factory
         self._routers = _Routers(None, None)
         self._routers_changed = threading.Condition()
-        # {shard: PushActor}, as the ShardRouter last published it; None before that.
+        # {shard: PushShard}, as the ShardRouter last published it; None before that.
         self._shards: ShardTable | None = None
         self.pool: ActorPool | None = None
         self.timers: TimerWheel | None = None
@@ -189,8 +189,8 @@ class ActorTree:
             self._shards = table
             self._routers_changed.notify_all()
 
-    def _shard(self, shard: int) -> pykka.ActorRef[Any]:
-        """The shard's PushActor; waits for the first table at start-up only."""
+    def _shard(self, shard: int) -> PushShard:
+        """The shard's PushActor and engine; waits for the first table at start-up only."""
         deadline = time.monotonic() + ROUTER_WAIT_SECONDS
         with self._routers_changed:
             while self._shards is None:
@@ -236,12 +236,19 @@ class ActorTree:
     def push(self, shard: int, items: list[Any]) -> list[BaseException | None]:
         work = [PushWork(event, command, pykka.ThreadingFuture()) for event, command in items]
         try:
-            self._shard(shard).tell(work)
-        except (pykka.ActorDeadError, TransientDeliveryError) as exc:
-            # It just crashed (its router restarts it) or is starting: retry later.
-            error = exc if isinstance(exc, TransientDeliveryError) else \
-                TransientDeliveryError(f"push shard {shard} is restarting")
-            return [error] * len(work)
+            target = self._shard(shard)
+        except TransientDeliveryError as exc:
+            return [exc] * len(work)  # it is starting or restarting: retry later
+        to_send = target.engine.admit(work)
+        if to_send:
+            try:
+                target.actor.tell(to_send)
+            except pykka.ActorDeadError:
+                # It just crashed (its router restarts it): retry later.
+                target.engine.abandon(to_send)
+                error = TransientDeliveryError(f"push shard {shard} is restarting")
+                for one in to_send:
+                    one.reply.set_exception((TransientDeliveryError, error, None))
         deadline = time.monotonic() + HANDOFF_TIMEOUT_SECONDS
         outcomes: list[BaseException | None] = []
         for one in work:

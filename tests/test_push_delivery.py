@@ -409,6 +409,27 @@ def test_read_processed_before_its_push_means_no_push(
                what="control push")
 
 
+def test_a_push_taken_while_the_same_users_push_is_in_flight_waits_for_it(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns
+) -> None:
+    """The first push is planned on the consumer's thread at once; the same event
+    delivered again while the first is out waits its turn in the user's line, plans
+    after the first has recorded its receipt, and so is not sent a second time."""
+    h = direct()
+    apple = user_with_an_apns_device(h, 7)
+    fake_apns.delay = 1.0  # APNs takes a second to answer
+    mid = new_id()
+    progress = Progress()
+    post(h, push_event(7, mid))
+    wait_until(lambda: apns_for(fake_apns, apple), what="push to reach APNs")
+    post(h, push_event(7, mid))
+    progress.wait(2)
+    settle()
+    assert [apns_event(r) for r in apns_for(fake_apns, apple)] == [("message", str(mid))]
+    post(h, push_event(7))  # control: another message is pushed
+    wait_until(lambda: len(apns_for(fake_apns, apple)) == 2, what="control push")
+
+
 # 3. message_deleted ---------------------------------------------------------------------
 
 
