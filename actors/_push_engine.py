@@ -116,7 +116,7 @@ class PushEngine:
         self._ready = threading.Event()
         self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
         self.order = UserOrder()
-        self._planner = GroupPlanner(store.plan_pushes, store.in_checked_out_connection)
+        self._planner = GroupPlanner(store.plan_pushes, store.in_consumer_connection)
         self._inflight: set[asyncio.Task[None]] = set()
         self.apns: Any = None
         self.fcm: Any = None

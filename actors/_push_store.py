@@ -1,7 +1,7 @@
 """The push side's database work: what to send to whom, and recording what happened.
 
 Every function runs on a database thread of a push engine, inside `in_connection`, or
-(`plan_pushes`) on a consumer thread, inside `in_checked_out_connection`.
+(`plan_pushes`) on a consumer thread, inside `in_consumer_connection`.
 State makes delivery idempotent and order-proof: a receipt per (message, device)
 means a retry resends only to devices that have not accepted (or permanently refused)
 it yet; a message already read or deleted is never pushed, so a remove processed first
@@ -90,13 +90,17 @@ def in_connection(fn: Callable[..., T], *args: Any) -> T:
     return in_thread_connection(fn, *args)
 
 
-def in_checked_out_connection(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` on a connection held for this call only (from the pool, on PostgreSQL).
+def in_consumer_connection(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` on a consumer thread's connection.
 
-    For consumer threads: there are many of them (`WORKER_THREADS`), so keeping a
-    connection each would take as many from the pool, for a call that few of them
-    make at any one time.
+    On PostgreSQL the connection is taken from the pool for this call only: there are
+    many consumer threads (`WORKER_THREADS`), and keeping a connection each would take
+    as many from the pool, for a call few of them make at any one time. A SQLite
+    connection is kept, as opening one (a connect and four PRAGMAs) costs more than
+    the call.
     """
+    if not is_postgres():
+        return in_thread_connection(fn, *args)
     if not db.is_closed():
         return fn(*args)  # this thread holds one already
     with db.connection_context():
