@@ -61,16 +61,22 @@ def start_the_rest(planner: GroupPlanner, threads: list[threading.Thread]) -> No
                what="the other threads to wait behind the leader")
 
 
-def test_threads_that_ask_while_a_group_is_out_go_together_in_the_next() -> None:
+def asked_behind_a_leader(requests: list[list[Any]]
+                          ) -> tuple[GatedPlan, GroupPlanner, dict[int, Any]]:
+    """The first request leads; the others ask while its plan is out."""
     plan = GatedPlan()
     planner = GroupPlanner(plan, direct_call)
-    requests = [["a"], ["b", "c"], ["d"], ["e"]]
     threads, answers = ask_in_threads(planner, requests)
     wait_until(lambda: plan.calls, what="the first thread to lead")
     start_the_rest(planner, threads)
     plan.gate.set()
     for thread in threads:
         thread.join(10)
+    return plan, planner, answers
+
+
+def test_threads_that_ask_while_a_group_is_out_go_together_in_the_next() -> None:
+    plan, planner, answers = asked_behind_a_leader([["a"], ["b", "c"], ["d"], ["e"]])
     # The leader's call alone, then everyone who asked meanwhile in one call.
     assert plan.calls[0] == ["a"]
     assert sorted(plan.calls[1]) == ["b", "c", "d", "e"] and len(plan.calls) == 2
@@ -79,27 +85,13 @@ def test_threads_that_ask_while_a_group_is_out_go_together_in_the_next() -> None
 
 
 def test_a_bad_event_fails_alone() -> None:
-    plan = GatedPlan()
-    planner = GroupPlanner(plan, direct_call)
-    threads, answers = ask_in_threads(planner, [["a"], ["b"], ["bad"], ["c"]])
-    wait_until(lambda: plan.calls, what="the first thread to lead")
-    start_the_rest(planner, threads)
-    plan.gate.set()
-    for thread in threads:
-        thread.join(10)
+    _, _, answers = asked_behind_a_leader([["a"], ["b"], ["bad"], ["c"]])
     assert isinstance(answers[2], ValueError)
     assert answers[0] == ["plan:a"] and answers[1] == ["plan:b"] and answers[3] == ["plan:c"]
 
 
 def test_a_database_out_of_reach_fails_the_whole_group_at_once() -> None:
-    plan = GatedPlan()
-    planner = GroupPlanner(plan, direct_call)
-    threads, answers = ask_in_threads(planner, [["a"], ["b"], ["away"], ["c"]])
-    wait_until(lambda: plan.calls, what="the first thread to lead")
-    start_the_rest(planner, threads)
-    plan.gate.set()
-    for thread in threads:
-        thread.join(10)
+    plan, _, answers = asked_behind_a_leader([["a"], ["b"], ["away"], ["c"]])
     assert answers[0] == ["plan:a"]
     assert all(isinstance(answers[i], pw.OperationalError) for i in (1, 2, 3))
     assert len(plan.calls) == 2  # not tried again one by one
