@@ -5,7 +5,7 @@ its engine) whenever a child starts or goes, and the consumer threads hand work 
 shard's engine and PushActor directly.
 Passing every push through the router's own mailbox as well cost a thread hand-off per
 push (under one GIL, a measurable share of a push's CPU) and bought nothing: the
-consumer threads race each other anyway, and the PushEngine's per-user locks, not
+consumer threads race each other anyway, and the PushEngine's per-user lines, not
 mailbox order, keep a user's events in order.
 """
 
@@ -26,7 +26,6 @@ from settings import Settings
 logger = logging.getLogger("herald.push")
 
 
-
 @dataclass(frozen=True)
 class PushShard:
     """One shard as the consumer threads see it: its PushActor and the actor's engine."""
@@ -44,7 +43,7 @@ class ShardRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
     Parameters:
       settings: `PUSH_SHARDS` and the restart budget.
       supervisor_ref: the root supervisor.
-      providers: optional provider factory passed to every PushActor (tests, bench).
+      providers: optional provider factory passed to every shard's engine (tests, bench).
       schedule: how to run a restart after a delay (default: a timer thread).
       publish: called (on the router's thread) with the current {shard: PushShard}
         table whenever it changes.
