@@ -160,28 +160,37 @@ class PushEngine:
         (`reply` set to None), or a plan that failed (`reply` set to its exception).
         Runs on a consumer thread.
         """
-        ready = []
-        for work in works:
-            work.place = self.order.join(_line_key(work))
-            if work.place.first and isinstance(work.event, MessageEvent):
-                work.stages = _StageClock(work.created)
-                ready.append(work)
-        if ready:
-            try:
-                plans = self._planner([work.event for work in ready])
-            except Exception:
-                error = sys.exc_info()
-                for work in ready:
-                    work.plan = None
-                    self._settle_early(work, error)
-            else:
-                for work, plan in zip(ready, plans, strict=True):
-                    assert work.stages is not None
-                    work.stages.mark("plan")
-                    work.plan = plan
-                    if plan is None:
-                        self._settle_early(work, None)
+        try:
+            ready = []
+            for work in works:
+                work.place = self.order.join(_line_key(work))
+                if work.place.first and isinstance(work.event, MessageEvent):
+                    work.stages = _StageClock(work.created)
+                    ready.append(work)
+            if ready:
+                self._plan_now(ready)
+        except BaseException:
+            # Raised into this thread (a shutdown): a place kept would hold up its
+            # user's line for good.
+            self.abandon(works)
+            raise
         return [work for work in works if work.plan is not None]
+
+    def _plan_now(self, ready: list[PushWork]) -> None:
+        try:
+            plans = self._planner([work.event for work in ready])
+        except Exception:
+            error = sys.exc_info()
+            for work in ready:
+                work.plan = None
+                self._settle_early(work, error)
+            return
+        for work, plan in zip(ready, plans, strict=True):
+            assert work.stages is not None
+            work.stages.mark("plan")
+            work.plan = plan
+            if plan is None:
+                self._settle_early(work, None)
 
     def _settle_early(self, work: PushWork, error: Any) -> None:
         assert work.place is not None
@@ -269,8 +278,8 @@ class PushEngine:
 
     async def _process(self, work: PushWork) -> None:
         try:
-            place = work.place or self.order.join(_line_key(work))
-            async with self._turn(place):
+            assert work.place is not None  # admitted on the consumer's thread
+            async with self._turn(work.place):
                 await self._handle(work)
             work.reply.set(None)
         except BaseException:

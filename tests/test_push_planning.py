@@ -1,4 +1,4 @@
-"""The push engine's two consumer-thread parts: each user's line, and group planning."""
+"""The push engine's consumer-thread side: each user's line, and group planning."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import peewee as pw
+import pykka
 import pytest
 
+from actors._push_engine import PushEngine, PushWork
 from actors._push_planner import GroupPlanner
 from actors._user_order import UserOrder
 from delivery.outcomes import TransientDeliveryError
+from events import parse_event
+from settings import load_settings
+from tests.conftest import message_event
 from tests.harness import wait_until
 
 
@@ -214,3 +219,19 @@ def test_a_lone_asker_is_planned_at_once(events: list[Any]) -> None:
 
     assert GroupPlanner(plan, direct_call)(events) == [None] * len(events)
     assert calls == [events]
+
+
+def test_an_exception_raised_into_the_consumer_thread_leaves_no_place_behind() -> None:
+    """Otherwise the user's line would wait for that place for good."""
+    engine = PushEngine(load_settings({}), 0)
+
+    def interrupted(events: list[Any]) -> list[Any]:
+        raise Interrupted()
+
+    engine._planner = GroupPlanner(interrupted, direct_call)  # type: ignore[assignment]
+    works = [PushWork(parse_event(message_event(7, message_id=m, channels=("push",))), None,
+                      pykka.ThreadingFuture()) for m in (1, 2)]
+    with pytest.raises(Interrupted):
+        engine.admit(works)
+    assert len(engine.order) == 0
+    assert engine.order.join(("user", 7)).first
