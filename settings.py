@@ -49,6 +49,27 @@ class SmtpTarget:
         return f"SmtpTarget({self.host}:{self.port}, tls={self.use_tls}, starttls={self.starttls})"
 
 
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPU numbers from Linux's list syntax ("1", "0,2-3"), each one this process may use."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("not supported on this platform")
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError("must be a CPU list such as 1 or 0,2-3")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{part.strip()!r} is an empty range")
+        cpus.update(range(low, high + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        missing = ",".join(str(cpu) for cpu in sorted(cpus - allowed))
+        usable = ",".join(str(cpu) for cpu in sorted(allowed))
+        raise ValueError(f"not CPUs this process may use: {missing} (it may use {usable})")
+    return frozenset(cpus)
+
+
 class Settings(BaseSettings):
     """Every setting herald reads, with the contract's names and defaults."""
 
@@ -116,6 +137,9 @@ class Settings(BaseSettings):
     IDEMPOTENCY_TTL_SECONDS: int = Field(86_400, ge=1)
     METRICS_PORT: int | None = Field(None, ge=1, le=65535)
 
+    # CPUs this process may run on, in Linux's list syntax ("1", "0,2-3"); unset: any.
+    CPU_AFFINITY: str | None = None
+
     LOG_FORMAT: Literal["text", "json"] = "text"
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -149,6 +173,13 @@ class Settings(BaseSettings):
                 raise ValueError("must be host:port")
         return value or None
 
+    @field_validator("CPU_AFFINITY")
+    @classmethod
+    def _cpu_affinity(cls, value: str | None) -> str | None:
+        if value:
+            parse_cpu_list(value)
+        return value or None
+
     @field_validator("APNS_KEY_FILE", "APNS_CERT_FILE", "APNS_CA_FILE", "FCM_CREDENTIALS")
     @classmethod
     def _file_exists(cls, value: str | None) -> str | None:
@@ -177,6 +208,10 @@ class Settings(BaseSettings):
     @property
     def api_keys(self) -> list[str]:
         return [k.strip() for k in (self.HERALD_API_KEYS or "").split(",") if k.strip()]
+
+    @property
+    def cpu_affinity(self) -> frozenset[int] | None:
+        return parse_cpu_list(self.CPU_AFFINITY) if self.CPU_AFFINITY else None
 
     @property
     def smtp(self) -> SmtpTarget | None:

@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"herald: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
+    if settings.cpu_affinity is not None:
+        _pin_to(settings.cpu_affinity)
     from models import DATABASE_UNAVAILABLE
 
     try:
@@ -304,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join(str(exc).split())[:300]
         print(f"herald: database unavailable: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _pin_to(cpus: frozenset[int]) -> None:
+    """Keep every thread of this process, and those it starts later, on `cpus`.
+
+    Linux keeps an affinity per thread and a new thread inherits its creator's, so each
+    thread that exists now (an import may have started one) is pinned as well as this one.
+    """
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
+    logger.info("running on CPU %s", ",".join(str(cpu) for cpu in sorted(cpus)))
 
 
 def _start(settings: Any, mode: str, args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,11 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start the worker processes under `nice -n N` (--workers 1 "
                              "or more; below 0 needs root), as an operator gives a worker "
                              "priority on a host it shares (default 0)")
+    parser.add_argument("--worker-cpus", default="auto",
+                        help="CPU_AFFINITY of the worker processes (--workers 1 or more): "
+                             "`auto` pins worker i to CPU i modulo the CPUs there are, as "
+                             "the README advises; `none` lets them run on any CPU; a CPU "
+                             "list (such as 1 or 0-1) is given to each worker (default auto)")
 
 
 @dataclass
@@ -58,9 +64,11 @@ class Rig:
 
         for _ in range(self.args.workers):
             port = free_port()
-            worker = HeraldProcess({**self.env, "LOG_LEVEL": "INFO",
-                                    "METRICS_PORT": str(port)}, mode="worker", cwd=self.tmp,
-                                   nice=self.args.worker_nice)
+            env = {**self.env, "LOG_LEVEL": "INFO", "METRICS_PORT": str(port)}
+            cpus = worker_cpus(self.args, len(self.processes))
+            if cpus is not None:
+                env["CPU_AFFINITY"] = cpus
+            worker = HeraldProcess(env, mode="worker", cwd=self.tmp, nice=self.args.worker_nice)
             self.processes.append(worker)
             self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
             worker.start(wait=False)
@@ -78,6 +86,24 @@ class Rig:
                 worker.__exit__()
 
 
+def worker_cpus(args: argparse.Namespace, index: int) -> str | None:
+    """The CPU_AFFINITY of worker process `index` (None: any CPU)."""
+    if args.workers <= 0 or args.worker_cpus == "none":
+        return None
+    if args.worker_cpus == "auto":
+        usable = sorted(os.sched_getaffinity(0))
+        return str(usable[index % len(usable)])
+    return str(args.worker_cpus)
+
+
+def describe_worker_cpus(args: argparse.Namespace) -> str:
+    """How the worker processes were placed, for a scenario's header."""
+    pinned = [worker_cpus(args, i) for i in range(max(args.workers, 0))]
+    if not pinned or pinned[0] is None:
+        return "any CPU"
+    return "CPU " + " / ".join(str(cpus) for cpus in pinned)
+
+
 @contextlib.contextmanager
 def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
     if args.workers > 0 and args.backend != "production":
@@ -85,6 +111,9 @@ def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
                          "RabbitMQ and PostgreSQL)")
     if args.worker_nice and args.workers <= 0:
         raise SystemExit("--worker-nice needs --workers 1 or more (an in-process worker "
+                         "shares the bench's process)")
+    if args.worker_cpus not in ("auto", "none") and args.workers <= 0:
+        raise SystemExit("--worker-cpus needs --workers 1 or more (an in-process worker "
                          "shares the bench's process)")
     with ApnsServerProcess(args.delay_ms, args.rig_nice) as fake, \
             common.backend(args.backend) as (env, tmp):

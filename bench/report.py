@@ -9,7 +9,7 @@ from typing import Any
 from bench.common import RESULTS_DIR
 
 ORDER = ["baseline", "ingest-email", "actors-scale", "email-timeliness", "push-throughput",
-         "push-latency"]
+         "push-latency", "wakeups"]
 
 
 def _load() -> list[dict[str, Any]]:

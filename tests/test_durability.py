@@ -580,3 +580,28 @@ def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
     assert process.proc.wait(30) == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["one", "0-", "2-1", "4096"])
+def test_a_bad_cpu_affinity_stops_with_one_line(tmp_path: Path, value: str) -> None:
+    process = HeraldProcess({"CPU_AFFINITY": value}, "all", cwd=tmp_path).start(wait=False)
+    assert process.proc is not None
+    assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herald: configuration error: CPU_AFFINITY: ")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning cannot be told apart from running anywhere on one CPU")
+def test_cpu_affinity_keeps_every_thread_of_the_process_on_those_cpus(tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    with HeraldProcess({"CPU_AFFINITY": str(cpu)}, "all", cwd=tmp_path) as process:
+        assert process.proc is not None
+        # An event recorded first, so the threads started on demand exist too.
+        with process.client() as client:
+            _one_pending_email(client, period=60)
+        threads = list(Path(f"/proc/{process.proc.pid}/task").iterdir())
+        allowed = {(task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+                   for task in threads}
+        assert len(threads) > 10 and allowed == {str(cpu)}
+        assert process.terminate() == 0

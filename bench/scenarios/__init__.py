@@ -16,10 +16,11 @@ from bench.scenarios import (
     ingest_email,
     push_latency,
     push_throughput,
+    wakeups,
 )
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m
     for m in (baseline, ingest_email, actors_scale, email_timeliness, push_throughput,
-              push_latency)
+              push_latency, wakeups)
 }

@@ -156,12 +156,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "publish_path": "intake.publisher.Publisher.publish (one event per call)",
         "publish_threads": args.publish_threads,
         "rig_nice": args.rig_nice, "worker_nice": args.worker_nice,
+        "worker_cpus": pushrig.describe_worker_cpus(args),
     }
     if rounds > 1:
         figures["round_p50_s"] = [one["p50_s"] for one in results]
         figures["round_p99_s"] = [one["p99_s"] for one in results]
-    say(f"push-latency ({args.backend}, worker "
-        f"{figures['workers']}, fake delay {args.delay_ms:g} ms); events via "
+    say(f"push-latency ({args.backend}, worker {figures['workers']} on "
+        f"{figures['worker_cpus']}, fake delay {args.delay_ms:g} ms); events via "
         f"{figures['publish_path']}")
     if args.rig_nice or args.worker_nice:
         say(f"  nice: publishers and fake {args.rig_nice}, worker processes "

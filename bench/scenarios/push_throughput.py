@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "events": n, "accepted": ok, "requests": len(log), "delay_ms": args.delay_ms,
         "events_per_message": min(args.batch, PUSH_EVENTS_PER_MESSAGE),
         "shards": args.shards, "workers": args.workers or "in-process",
-        "worker_threads": args.worker_threads,
+        "worker_threads": args.worker_threads, "worker_cpus": pushrig.describe_worker_cpus(args),
         "publish_path": "ingest.api.HeraldAPI.submit_events (no HTTP)",
         "publish_s": publish_s, "publish_rate": n / publish_s,
         "workers_up_s": workers_up_s,
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         buckets[key] = buckets.get(key, 0) + 1
     series = {"per_100ms": [[k / 10, buckets.get(k, 0) * 10]
                             for k in range(max(buckets) + 1)] if buckets else []}
-    workers = f"{args.workers} process(es)" if args.workers else "in-process"
+    workers = (f"{args.workers} process(es) on {figures['worker_cpus']}" if args.workers
+               else "in-process")
     say(f"push-throughput ({args.backend}, worker {workers}, {args.worker_threads} threads, "
         f"{args.shards} shard(s), fake delay {args.delay_ms:g} ms); events via "
         f"{figures['publish_path']}, {figures['events_per_message']} per queue message")
