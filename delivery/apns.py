@@ -256,6 +256,25 @@ class _HeraldProtocol(APNsTLSClientProtocol):
         self._h2 = _FlowControlledH2Connection()
         self.conn = self._h2
         self._last_active = 0.0
+        self._write_scheduled = False
+
+    def flush(self) -> None:
+        # aioapns writes after each request and each read. Under load the loop makes
+        # many requests in one turn; writing once at the end of the turn sends them in
+        # one TLS record and one system call, and wakes the server once.
+        self.refresh_inactivity_timer()
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self.loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self.conn.data_to_send()
+        if data:
+            transport.write(data)
 
     def refresh_inactivity_timer(self) -> None:
         # aioapns cancels and schedules its idle timer on every write, so a timer per push.

@@ -323,6 +323,44 @@ def test_concurrent_sends_share_few_connections_and_one_token(fake: FakeApns, ke
     assert len(fake.provider_tokens) == 1
 
 
+class _CountingTransport:
+    """Writes through to the real transport, noting the size of each write."""
+
+    def __init__(self, transport: Any) -> None:
+        self.real = transport
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(len(data))
+        self.real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_requests_made_in_one_turn_of_the_loop_go_out_in_one_write(
+    fake: FakeApns, key: Key
+) -> None:
+    tokens = [f"{i:064x}" for i in range(10)]
+
+    async def burst(sender: ApnsSender) -> tuple[list[SendResult], list[int]]:
+        assert (await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)).ok
+        assert sender._client is not None
+        (connection,) = sender._client.pool.connections
+        counting = _CountingTransport(connection.transport)
+        connection.transport = counting  # type: ignore[assignment]
+        results = await asyncio.gather(
+            *(sender.send(t, topic=DEVICE_TOPIC, payload=PAYLOAD) for t in tokens)
+        )
+        return results, [size for size in counting.writes if size]
+
+    results, writes = run_with(make_sender(fake, key, max_connections=1), burst)
+    assert all(r.outcome is Outcome.DELIVERED for r in results)
+    assert sorted(r.token for r in fake.requests) == sorted([TOKEN, *tokens])
+    # One TLS record and one wake-up of the server for the lot, not one per request.
+    assert 1 <= len(writes) < len(tokens) // 2
+
+
 def test_burst_larger_than_the_flow_control_window(fake: FakeApns, key: Key) -> None:
     # 300 bodies of ~3 KB on one fresh connection: far more than its 64 KiB window.
     big = {"aps": {"alert": {"body": "x" * 3000}}}
