@@ -14,6 +14,7 @@ from typing import Any
 
 from bench import common
 from bench.apns_server import ApnsServerProcess
+from settings import parse_cpu_list
 
 
 def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,9 +113,14 @@ def rig(args: argparse.Namespace, users: list[int]) -> Iterator[Rig]:
     if args.worker_nice and args.workers <= 0:
         raise SystemExit("--worker-nice needs --workers 1 or more (an in-process worker "
                          "shares the bench's process)")
-    if args.worker_cpus not in ("auto", "none") and args.workers <= 0:
-        raise SystemExit("--worker-cpus needs --workers 1 or more (an in-process worker "
-                         "shares the bench's process)")
+    if args.worker_cpus not in ("auto", "none"):
+        if args.workers <= 0:
+            raise SystemExit("--worker-cpus needs --workers 1 or more (an in-process worker "
+                             "shares the bench's process)")
+        try:
+            parse_cpu_list(args.worker_cpus)
+        except ValueError as exc:
+            raise SystemExit(f"--worker-cpus: {exc}") from None
     with ApnsServerProcess(args.delay_ms, args.rig_nice) as fake, \
             common.backend(args.backend) as (env, tmp):
         env = {**env, **fake.env(common.CLIENT_TOPIC), "PUSH_SHARDS": str(args.shards),

@@ -89,11 +89,13 @@ def _processes(trips: int, cpus: tuple[int, int]) -> float:
 
 def _measure(how: Callable[[int, tuple[int, int]], float], trips: int,
              cpus: tuple[int, int]) -> float:
-    how(trips // 10, cpus)  # warm up: the first wake-ups of a sleeping CPU cost more
+    how(max(1, trips // 10), cpus)  # warm up: the first wake-ups of a sleeping CPU cost more
     return how(trips, cpus)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.trips < 1:
+        raise SystemExit("--trips must be at least 1")
     usable = sorted(os.sched_getaffinity(0))
     if len(usable) < 2:
         raise SystemExit("wakeups needs two CPUs this process may use")
