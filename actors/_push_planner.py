@@ -37,7 +37,7 @@ class _Request:
         self.events = events
         self.results: list[Any] | None = None
         self.error: BaseException | None = None
-        # Set when the lead is handed to this request's thread.
+        # Set when this request's thread takes the lead, or is handed it.
         self.leads = False
         # Held until the request is answered or handed the lead.
         self._done = _thread.allocate_lock()
@@ -83,28 +83,36 @@ class GroupPlanner:
         request = _Request(events)
         with self._mutex:
             self._waiting.append(request)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            request.wait()
+            if not self._leading:
+                self._leading = request.leads = True
+        try:
             if not request.leads:
-                return request.outcome()
-        self._lead(request)
+                request.wait()
+                if not request.leads:
+                    return request.outcome()
+            self._lead(request)
+        except BaseException:
+            # Raised into this thread (a time limit, a shutdown) while it waited in line
+            # or before it formed its group: a request left in line, or a lead it holds,
+            # would keep every later asker waiting.
+            self._withdraw(request)
+            raise
         return request.outcome()
 
     def _lead(self, mine: _Request) -> None:
         """Plan one group, answer its requests and pass the lead on."""
-        with self._mutex:
-            # This thread's request is first in line: it asked while nobody led, or
-            # the lead was handed to it as the first waiting.
-            taken, size = 1, len(self._waiting[0].events)
-            while taken < len(self._waiting) and \
-                    size + len(self._waiting[taken].events) <= GROUP_MAX:
-                size += len(self._waiting[taken].events)
-                taken += 1
-            group = self._waiting[:taken]
-            del self._waiting[:taken]
+        group: list[_Request] = []
         try:
+            with self._mutex:
+                # This thread's request is first in line: it asked while nobody led, or
+                # the lead was handed to it as the first waiting.
+                taken, size = 1, len(self._waiting[0].events)
+                while taken < len(self._waiting) and \
+                        size + len(self._waiting[taken].events) <= GROUP_MAX:
+                    size += len(self._waiting[taken].events)
+                    taken += 1
+                group = self._waiting[:taken]
+                del self._waiting[:taken]
             self._run(group)
         except BaseException:
             # An exception raised into this thread (a time limit, a shutdown): the
@@ -115,17 +123,33 @@ class GroupPlanner:
                         "the thread planning this push was interrupted")
             raise
         finally:
-            with self._mutex:
-                successor = self._waiting[0] if self._waiting else None
-                if successor is None:
-                    self._leading = False
-                else:
-                    successor.leads = True
-            for request in group:
-                if request is not mine:  # the others are waiting on their locks
-                    request.release()
-            if successor is not None:
-                successor.release()
+            if group:  # else the group was never formed, and `_withdraw` passes the lead
+                with self._mutex:
+                    successor = self._pass_lead()
+                for request in group:
+                    if request is not mine:  # the others are waiting on their locks
+                        request.release()
+                if successor is not None:
+                    successor.release()
+
+    def _pass_lead(self) -> _Request | None:
+        """Hand the lead to the first request waiting, or free it. Holds the mutex."""
+        successor = self._waiting[0] if self._waiting else None
+        if successor is None:
+            self._leading = False
+        else:
+            successor.leads = True
+        return successor
+
+    def _withdraw(self, request: _Request) -> None:
+        """Take an interrupted thread's request out of line, passing on a lead it holds."""
+        with self._mutex:
+            if request not in self._waiting:
+                return  # answered in a group, or its group's lead already passed on
+            self._waiting.remove(request)
+            successor = self._pass_lead() if request.leads else None
+        if successor is not None:
+            successor.release()
 
     def _run(self, group: list[_Request]) -> None:
         events = [event for request in group for event in request.events]

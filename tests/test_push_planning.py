@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -129,6 +130,35 @@ def test_an_interrupted_leader_answers_the_others_and_passes_the_lead_on() -> No
     assert isinstance(answers[0], Interrupted)
     assert answers[1] == ["plan:b"]
     assert planner(["c"]) == ["plan:c"]
+
+
+def _raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    """Raise `exc_type` into `thread` as Dramatiq raises a time limit into a worker: it
+    goes off when the thread next runs Python code."""
+    assert thread.ident is not None
+    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                     ctypes.py_object(exc_type))
+    assert hit == 1
+
+
+def test_an_asker_interrupted_while_it_waits_in_line_holds_up_nobody() -> None:
+    plan = GatedPlan()
+    planner = GroupPlanner(plan, direct_call)
+    threads, answers = ask_in_threads(planner, [["a"], ["b"], ["c"]])
+    wait_until(lambda: plan.calls, what="the first thread to lead")
+    # "b" asks first behind the leader, so the lead is handed to it next; "c" after it.
+    threads[1].start()
+    wait_until(lambda: len(planner._waiting) == 1, what="b to wait behind the leader")
+    threads[2].start()
+    wait_until(lambda: len(planner._waiting) == 2, what="c to wait behind b")
+    _raise_in(threads[1], Interrupted)
+    plan.gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert answers[0] == ["plan:a"]
+    assert isinstance(answers[1], Interrupted)
+    assert answers[2] == ["plan:c"]  # the lead went on to "c" rather than dying with "b"
+    assert planner(["d"]) == ["plan:d"] and not planner._waiting
 
 
 def test_an_interrupt_fails_the_group_it_hit_as_transient() -> None:
