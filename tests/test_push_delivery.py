@@ -8,6 +8,7 @@ PostgreSQL + RabbitMQ).
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -664,6 +665,32 @@ def test_retry_budget_exhausted_goes_to_the_dead_letter_store(
     assert "ServiceUnavailable" in letter["reason"]
     assert letter["payload"]["args"][0]["message"]["id"] == mid
     assert len(dead_letters(h)) == 1
+
+
+@pytest.mark.parametrize("backend", ["production"])
+def test_a_retry_the_broker_refuses_becomes_a_dead_letter_with_both_reasons(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns, env: dict[str, str]
+) -> None:
+    h = direct()
+    apple = user_with_an_apns_device(h, 7)
+    fake_apns.script(apple, [(503, "ServiceUnavailable", {})] * 20)
+    # RabbitMQ refuses every publish to the shard's delay queue, where retries wait.
+    vhost = env["BROKER_URL"].rsplit("/", 1)[1]
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", "-p", vhost, "--apply-to", "queues",
+                    "refuse-retries", r"^push\.shard0\.DQ$",
+                    '{"max-length": 0, "overflow": "reject-publish"}'],
+                   check=True, capture_output=True)
+    mid = new_id()
+    post(h, push_event(7, mid))
+    [letter] = wait_until(lambda: dead_letters(h), timeout=30, what="dead letter")
+    assert letter["queue"] == "push.shard0"
+    assert letter["attempts"] == 1
+    assert "retry could not be queued" in letter["reason"]
+    assert "ServiceUnavailable" in letter["reason"]
+    assert letter["payload"]["args"][0]["message"]["id"] == mid
+    # Not also retried: the one try is all the provider saw.
+    settle()
+    assert len(apns_for(fake_apns, apple)) == 1
 
 
 def test_permanent_failures_are_dead_lettered_without_retry(

@@ -61,6 +61,11 @@ class RetryWithBackoff(Middleware):
     anything else → retry after `compute_backoff` (jittered, at least the error's
     `retry_after`), until `max_tries`, then dead letter. The retry is enqueued before
     the original is acked, so a crash in between repeats work rather than losing it.
+    A retry the broker will not take (a refused or unroutable publish, a connection
+    that stays down) makes the events a dead letter instead, with both reasons; and
+    where the dead-letter store cannot take them either, the message is nacked into
+    the broker's dead queue (.XQ). Dramatiq acks whatever this middleware does not
+    fail, so without this a refused retry would drop the events.
     `EventsFailed` applies the same rules to each failed event of a message carrying
     several: one retry message holds those to retry, and each event given up on is a
     dead letter of its own.
@@ -93,8 +98,9 @@ class RetryWithBackoff(Middleware):
                               event_count(message))
             message.fail()  # the broker's dead queue (.XQ) keeps a copy too
             return
-        self._retry(broker, message, message, queue, tries, reason,
-                    getattr(exception, "retry_after", None), event_count(message))
+        if not self._retry(broker, message, message, queue, tries, reason,
+                           getattr(exception, "retry_after", None), event_count(message)):
+            message.fail()
 
     def _split(self, broker: dramatiq.Broker, message: MessageProxy,
                failed: EventsFailed) -> None:
@@ -116,16 +122,19 @@ class RetryWithBackoff(Middleware):
             payloads = [p for p, _ in retry]
             floors = [float(getattr(e, "retry_after", 0) or 0) for _, e in retry]
             again = message.copy(args=(payloads if len(payloads) > 1 else payloads[0],))
-            self._retry(broker, message, again, queue, tries,
-                        "; ".join(sorted({_reason(e) for _, e in retry})),
-                        max(floors) or None, len(payloads))
+            stored = self._retry(broker, message, again, queue, tries,
+                                 "; ".join(sorted({_reason(e) for _, e in retry})),
+                                 max(floors) or None, len(payloads)) and stored
         if not stored:
             # Some dead letter could not be written: nack the whole message so the
             # broker's dead queue (.XQ) keeps it; the retried events may repeat, harmlessly.
             message.fail()
 
     def _retry(self, broker: dramatiq.Broker, message: MessageProxy, again: Any, queue: str,
-               tries: int, reason: str, retry_after: float | None, events: int) -> None:
+               tries: int, reason: str, retry_after: float | None, events: int) -> bool:
+        """Enqueue `again` (the events to retry) after the backoff. When the broker
+        refuses it, store them as a dead letter instead. False when neither took them:
+        the caller must then fail the message so the broker keeps it."""
         _, delay = compute_backoff(
             tries - 1, factor=self.min_backoff_ms, max_backoff=self.max_backoff_ms
         )
@@ -133,10 +142,18 @@ class RetryWithBackoff(Middleware):
             delay = max(delay, int(float(retry_after) * 1000))
         again.options["retries"] = tries
         again.options["last_error"] = reason[:500]
+        try:
+            broker.enqueue(again, delay=delay)
+        except Exception as exc:
+            logger.error("could not queue the retry of %s (%d event(s)) on %s: %s",
+                         message.message_id, events, queue, _reason(exc)[:200])
+            return self._dead_letter(
+                message, list(again.args), queue,
+                f"retry could not be queued ({_reason(exc)}) after: {reason}", tries, events)
         logger.info("retrying %s (%d event(s)) on %s in %d ms (try %d): %s",
                     message.message_id, events, queue, delay, tries + 1, reason[:200])
         EVENTS_RETRIED.labels(queue).inc(events)
-        broker.enqueue(again, delay=delay)
+        return True
 
     def _dead_letter(self, message: MessageProxy, args: list[Any], queue: str, reason: str,
                      tries: int, events: int) -> bool:
