@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"BROKER_URL: required for `{mode}` (processes share RabbitMQ)")
         if mode == "web" and not settings.api_keys:
             raise ConfigError("HERALD_API_KEYS: required for `web`")
+        if mode in ("all", "worker"):
+            _check_push_providers(settings)
     except ConfigError as exc:
         print(f"herald: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -306,6 +308,30 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join(str(exc).split())[:300]
         print(f"herald: database unavailable: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _check_push_providers(settings: Any) -> None:
+    """Raise ConfigError when a push provider's key, certificate or credentials cannot
+    be used: the process that would send with them must not start."""
+    from actors._push_engine import check_providers
+    from settings import ConfigError
+
+    try:
+        check_providers(settings)
+    except (ValueError, OSError) as exc:
+        text = " ".join(str(exc).split())[:300]
+        if not text.split(":", 1)[0].isupper():
+            # Name the setting when the client library's message does not.
+            text = f"{_provider_setting(settings)}: {text}"
+        raise ConfigError(text) from None
+
+
+def _provider_setting(settings: Any) -> str:
+    if settings.PUSH_BOUNCER_URL:
+        return "PUSH_BOUNCER_URL"
+    if settings.fcm_enabled:
+        return "FCM_CREDENTIALS"
+    return "APNS_KEY_FILE" if settings.APNS_KEY_FILE else "APNS_CERT_FILE"
 
 
 def _pin_to(cpus: frozenset[int]) -> None:

@@ -121,6 +121,9 @@ class PushEngine:
         self.apns: Any = None
         self.fcm: Any = None
         self.bouncer: Any = None
+        # Why the provider clients could not be built, if they could not: pushes then
+        # fail as transient (retried, then dead letters) instead of counting as sent.
+        self._providers_error: str | None = None
         self._apns_cap: asyncio.Semaphore | None = None
         self._fcm_cap: asyncio.Semaphore | None = None
         self._plan = _Batched(self._run_db, store.plan_pushes)
@@ -231,8 +234,10 @@ class PushEngine:
         self._fcm_cap = asyncio.Semaphore(cap)
         try:
             self.apns, self.fcm, self.bouncer = self._providers_factory(self.settings)
-        except Exception:
+        except Exception as exc:
             logger.exception("push shard %d: could not set up providers", self.shard)
+            self._providers_error = ("push providers could not be set up: "
+                                     + _one_line(f"{type(exc).__name__}: {exc}"))
         loop.call_soon(self._ready.set)
         try:
             loop.run_forever()
@@ -394,7 +399,7 @@ class PushEngine:
 
     async def _send_apns(self, device: Any, payload: dict[str, Any], priority: int) -> SendResult:
         if self.apns is None:
-            return _dry_run("apns")
+            return self._no_client("apns")
         assert self._apns_cap is not None
         async with self._apns_cap:
             return await self._timed("apns", self.apns.send(
@@ -408,11 +413,18 @@ class PushEngine:
 
     async def _send_fcm(self, device: Any, data: dict[str, str], priority: str) -> SendResult:
         if self.fcm is None:
-            return _dry_run("fcm")
+            return self._no_client("fcm")
         assert self._fcm_cap is not None
         async with self._fcm_cap:
             return await self._timed("fcm", self.fcm.send(device.token, data=data,
                                                           priority=priority))
+
+    def _no_client(self, provider: str) -> SendResult:
+        """The result of a push for a provider without a client: a dry run when it has
+        no credentials configured, a failure to retry when its client could not be built."""
+        if self._providers_error is not None:
+            return SendResult(Outcome.TRANSIENT, self._providers_error)
+        return _dry_run(provider)
 
     async def _timed(self, provider: str, send: Coroutine[Any, Any, SendResult]) -> SendResult:
         started = time.perf_counter()
@@ -469,6 +481,8 @@ class PushEngine:
 
     async def _bouncer_command(self, command: dict[str, Any]) -> None:
         if self.bouncer is None:
+            if self._providers_error is not None:
+                raise TransientDeliveryError(self._providers_error)
             return
         kind = command["command"]
         args = dict(user_id=command["user_id"], user_uuid=command.get("user_uuid"),
@@ -587,6 +601,26 @@ def _dry_run(provider: str) -> SendResult:
     logger.info("dry run: %s push not sent (no credentials configured)", provider)
     PUSHES.labels(provider, "dry_run").inc()
     return DELIVERED
+
+
+def check_providers(settings: Settings) -> None:
+    """Build the provider clients the settings call for and close them again, so that
+    a key, certificate or credentials file that cannot be used stops the process at
+    start (ValueError or OSError) rather than failing every push later.
+
+    Runs on the calling thread, with an event loop of its own; nothing is sent.
+    """
+
+    async def probe() -> None:
+        for client in build_providers(settings):
+            if client is not None:
+                await client.close()
+
+    asyncio.run(probe())
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
 
 
 def build_providers(settings: Settings) -> tuple[Any, Any, Any]:

@@ -582,6 +582,23 @@ def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]
 
 
+@pytest.mark.parametrize("setting", ["APNS_KEY_FILE", "FCM_CREDENTIALS"])
+def test_push_credentials_that_cannot_be_used_stop_the_worker_with_one_line(
+    tmp_path: Path, setting: str
+) -> None:
+    broken = tmp_path / "broken"
+    broken.write_text('{"type": "service_account"}')
+    env = {setting: str(broken)}
+    if setting == "APNS_KEY_FILE":
+        env.update(APNS_KEY_ID="ABC123DEFG", APNS_TEAM_ID="TEAM123456", APNS_TOPIC="org.x")
+    process = HeraldProcess(env, "all", cwd=tmp_path).start(wait=False)
+    assert process.proc is not None
+    assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"herald: configuration error: {setting}: "), lines[0]
+
+
 @pytest.mark.parametrize("value", ["one", "0-", "2-1", "4096"])
 def test_a_bad_cpu_affinity_stops_with_one_line(tmp_path: Path, value: str) -> None:
     process = HeraldProcess({"CPU_AFFINITY": value}, "all", cwd=tmp_path).start(wait=False)

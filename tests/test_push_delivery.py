@@ -693,6 +693,27 @@ def test_a_retry_the_broker_refuses_becomes_a_dead_letter_with_both_reasons(
     assert len(apns_for(fake_apns, apple)) == 1
 
 
+def test_a_key_that_cannot_be_used_fails_pushes_instead_of_counting_them_sent(
+    fake_apns: FakeApns, start: Callable[..., InProcessHerald], tmp_path: Path
+) -> None:
+    # A worker started without `python supervisor.py`'s start-up check (which refuses
+    # such a key) must still not take the push for sent.
+    broken = tmp_path / "broken.p8"
+    broken.write_text("not a key")
+    h = start(**{**apns_env(fake_apns), "APNS_KEY_FILE": str(broken)}, RETRY_MAX_TRIES="2")
+    dry_runs = sample("herald_pushes_total", provider="apns", outcome="dry_run")
+    user_with_an_apns_device(h, 7)
+    mid = new_id()
+    post(h, push_event(7, mid))
+    [letter] = wait_until(lambda: dead_letters(h), timeout=30, what="dead letter")
+    assert "push providers could not be set up" in letter["reason"]
+    assert "APNS_KEY_FILE" in letter["reason"]
+    assert letter["attempts"] == 2
+    assert letter["payload"]["args"][0]["message"]["id"] == mid
+    assert sample("herald_pushes_total", provider="apns", outcome="dry_run") == dry_runs
+    assert fake_apns.requests == []
+
+
 def test_permanent_failures_are_dead_lettered_without_retry(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> None:
