@@ -136,6 +136,10 @@ class Process:
             logger.info("applied migrations: %s", ", ".join(applied))
         broker = make_broker(s)
         consumers = Consumers(broker, s.PUSH_SHARDS)
+        # Before any thread starts: a port that is taken must stop the process here,
+        # not leave it running without its metrics (or hung by its actors' threads).
+        if s.METRICS_PORT:
+            _serve_metrics(s.METRICS_PORT, s.HOST)
 
         if self.mode in ("all", "worker"):
             from actors.tree import ActorTree
@@ -147,10 +151,6 @@ class Process:
             self.worker.start()
             logger.info("worker started: %d push shard(s), %d consumer threads",
                         s.PUSH_SHARDS, s.WORKER_THREADS)
-        if s.METRICS_PORT:
-            from prometheus_client import start_http_server
-
-            start_http_server(s.METRICS_PORT, addr=s.HOST)
 
         # uvicorn hands a caught SIGTERM back to the previous handler after its own
         # graceful shutdown: that handler must drain, not kill the process.
@@ -303,11 +303,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _start(settings, mode, args)
+    except ConfigError as exc:
+        print(f"herald: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except DATABASE_UNAVAILABLE as exc:
         # Only start-up gets here: once running, database errors are retried inside.
         reason = " ".join(str(exc).split())[:300]
         print(f"herald: database unavailable: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _serve_metrics(port: int, host: str) -> None:
+    """Serve `/metrics` on `port` from a thread of its own; ConfigError if it is taken."""
+    from prometheus_client import start_http_server
+
+    from settings import ConfigError
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise ConfigError(f"METRICS_PORT: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _check_push_providers(settings: Any) -> None:

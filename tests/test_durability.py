@@ -582,6 +582,20 @@ def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]
 
 
+def test_a_metrics_port_in_use_stops_the_process_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = HeraldProcess({"METRICS_PORT": str(port)}, "all", cwd=tmp_path)
+        process.start(wait=False)
+        assert process.proc is not None
+        assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert lines[-1].startswith("herald: configuration error: METRICS_PORT: "), lines
+    assert "Traceback" not in process.output()
+
+
 @pytest.mark.parametrize("setting", ["APNS_KEY_FILE", "FCM_CREDENTIALS"])
 def test_push_credentials_that_cannot_be_used_stop_the_worker_with_one_line(
     tmp_path: Path, setting: str
