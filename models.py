@@ -39,6 +39,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_MAX_CONNECTIONS = 64
 # Key of the PostgreSQL advisory lock that serialises migrations across processes.
 MIGRATION_LOCK_KEY = 0x4E52_4C44
+# Longest email batch claim id (`claimed_by`): a worker's id, its claim group, a user id.
+CLAIM_ID_MAX_LENGTH = 255
 
 
 class BaseModel(pw.Model):
@@ -154,7 +156,7 @@ class ScheduledMessageNotificationEmail(BaseModel):
     mentioned_user_group_id = pw.BigIntegerField(null=True)
     mentioned_user_group_name = pw.CharField(max_length=200, null=True)
     scheduled_timestamp = pw.DoubleField()
-    claimed_by = pw.CharField(max_length=64, null=True)
+    claimed_by = pw.CharField(max_length=CLAIM_ID_MAX_LENGTH, null=True)
     claimed_until = pw.DoubleField(null=True)
     attempts = pw.IntegerField(default=0)
     created_at = pw.DoubleField(default=time.time)

@@ -207,6 +207,28 @@ def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> Non
         inbox.stop()
 
 
+def test_a_worker_on_a_host_with_the_longest_name_linux_allows_still_claims(
+    parts: InProcessHerald,
+) -> None:
+    # A worker's id starts with its host name: 64 characters on Linux at most.
+    worker_id = f"{'h' * 64}:4194304:abcdef"
+    received: queue.Queue[Any] = queue.Queue()
+    inbox = Inbox.start(received)
+    claimer = BatchClaimer(worker_id, _POLICY, _no_schedule)
+    claimer.start()
+    try:
+        user = 200_000_000_000
+        _record(parts, [user], due=time.time() - 1)
+        claimer.claim(user, False, inbox)
+        answer = received.get(timeout=10)
+        assert isinstance(answer, Claimed) and answer.batch is not None
+        assert answer.batch.claim_id.startswith(worker_id)
+        assert sorted(answer.batch.messages) == [SHARED, OWN + user]
+    finally:
+        claimer.stop()
+        inbox.stop()
+
+
 @pytest.mark.parametrize("backend", ["production"])
 def test_a_settle_whose_actor_is_gone_is_asked_again_when_the_database_was_away(
     env: dict[str, str],
