@@ -39,6 +39,22 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_MAX_CONNECTIONS = 64
 # Key of the PostgreSQL advisory lock that serialises migrations across processes.
 MIGRATION_LOCK_KEY = 0x4E52_4C44
+# libpq connection parameters a PostgreSQL DATABASE_URL may set in its query string
+# (TLS, timeouts, keepalives, naming); each is handed to every connection as it is.
+PG_URL_PARAMETERS = frozenset({
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl",
+    "sslcompression", "ssl_min_protocol_version", "channel_binding", "gssencmode",
+    "krbsrvname", "passfile", "requirepeer", "connect_timeout", "application_name",
+    "target_session_attrs", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "options",
+})
+# What herald asks of every PostgreSQL connection unless the URL says otherwise: give up
+# connecting after 10 s, and notice a peer that vanished (a failover, a dropped route)
+# in about a minute rather than after the kernel's two hours of TCP silence.
+PG_CONNECTION_DEFAULTS = {
+    "connect_timeout": "10", "keepalives": "1", "keepalives_idle": "30",
+    "keepalives_interval": "10", "keepalives_count": "3",
+}
 # Longest email batch claim id (`claimed_by`): a worker's id, its claim group, a user id.
 CLAIM_ID_MAX_LENGTH = 255
 
@@ -258,12 +274,38 @@ def _server_said_goodbye(conn: Any) -> bool:
 _GOODBYE_READS = 3
 
 
+def postgres_parameters(url: str) -> dict[str, str]:
+    """The libpq parameters of a PostgreSQL `DATABASE_URL`'s query string, over
+    `PG_CONNECTION_DEFAULTS`; herald's own `schema=NAME` becomes a search path.
+
+    Raises ValueError naming a parameter that is not one of `PG_URL_PARAMETERS` or is
+    given twice, so a misspelt `sslmode` stops the process instead of being ignored.
+    """
+    found: dict[str, str] = dict(PG_CONNECTION_DEFAULTS)
+    schema = None
+    for name, values in parse_qs(urlsplit(url).query, keep_blank_values=True).items():
+        if len(values) > 1:
+            raise ValueError(f"{name} is given {len(values)} times")
+        if name == "schema":
+            schema = values[0]
+        elif name in PG_URL_PARAMETERS:
+            found[name] = values[0]
+        else:
+            raise ValueError(f"unknown connection parameter {name!r} (known: schema, "
+                             + ", ".join(sorted(PG_URL_PARAMETERS)) + ")")
+    if schema:
+        found["options"] = " ".join(filter(None, [found.get("options"),
+                                                  f"-c search_path={schema}"]))
+    return found
+
+
 def make_database(url: str) -> pw.Database:
     """Build (without connecting) the peewee database for a `DATABASE_URL`.
 
     `sqlite:///relative.db` and `sqlite:////absolute.db` open SQLite in WAL mode;
     `postgresql://user:pass@host:port/name` opens a connection pool. A `?schema=NAME`
-    query on a PostgreSQL URL sets the search path (used to isolate test runs).
+    query on a PostgreSQL URL sets the search path (used to isolate test runs); libpq's
+    own parameters (`sslmode=verify-full`, `connect_timeout=5`, ...) are passed on.
     """
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
@@ -280,16 +322,13 @@ def make_database(url: str) -> pw.Database:
             check_same_thread=False,
         )
     if parts.scheme in ("postgresql", "postgres"):
-        query = parse_qs(parts.query)
         kwargs: dict[str, Any] = {
             "host": parts.hostname or "127.0.0.1",
             "port": parts.port or 5432,
             "user": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
+            **postgres_parameters(url),
         }
-        schema = query.get("schema", [None])[0]
-        if schema:
-            kwargs["options"] = f"-c search_path={schema}"
         return _PostgresPool(
             parts.path.lstrip("/") or "postgres",
             max_connections=PG_MAX_CONNECTIONS,

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///path or postgresql://…")
+        if value.startswith("sqlite:///"):
+            if not value[len("sqlite:///"):].split("?")[0]:
+                raise ValueError("sqlite:/// needs a file path (sqlite:///herald.db)")
+        else:
+            from models import postgres_parameters
+
+            postgres_parameters(value)
         return value
 
     @field_validator("BROKER_URL")

@@ -27,6 +27,7 @@ from tests.fakes.fcm import FakeFcm
 from tests.harness import (
     ROOT,
     HeraldProcess,
+    InProcessHerald,
     as_outage_role,
     backend_env,
     database_outage,
@@ -580,6 +581,45 @@ def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
     assert process.proc.wait(30) == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql://postgres@127.0.0.1:5432/test?sslmod=require", "'sslmod'"),
+    ("postgresql://postgres@127.0.0.1:5432/test?sslmode=require&sslmode=disable",
+     "sslmode is given 2 times"),
+    ("sqlite:///", "needs a file path"),
+])
+def test_a_database_url_with_options_that_would_be_ignored_stops_with_one_line(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    process = HeraldProcess({"DATABASE_URL": url}, "all", cwd=tmp_path).start(wait=False)
+    assert process.proc is not None
+    assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herald: configuration error: DATABASE_URL")
+    assert says in lines[0]
+
+
+def test_postgres_connections_use_the_urls_parameters_and_keepalives(
+    tmp_path: Path,
+) -> None:
+    with backend_env("production", tmp_path) as env:
+        name = f"herald-{os.getpid()}-{time.monotonic_ns()}"
+        url = f"{env['DATABASE_URL']}&application_name={name}&keepalives_idle=45"
+        h = InProcessHerald({**env, "DATABASE_URL": url}, start_worker=False)
+        try:
+            import models
+
+            dsn = h.db(lambda: models.db.connection().get_dsn_parameters())
+            seen = h.db(lambda: models.db.execute_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                (name,)).fetchone()[0])
+        finally:
+            h.stop()
+    assert seen >= 1  # the server knows herald's sessions by the name the URL gave
+    assert dsn["keepalives_idle"] == "45"  # the URL's own value wins
+    assert (dsn["keepalives"], dsn["keepalives_count"], dsn["connect_timeout"]) == (
+        "1", "3", "10")
 
 
 def test_a_metrics_port_in_use_stops_the_process_with_one_line(tmp_path: Path) -> None:
