@@ -144,6 +144,10 @@ class Process:
         if self.mode in ("all", "worker"):
             from actors.tree import ActorTree
 
+            if not s.PUBLIC_URL:
+                logger.warning("PUBLIC_URL is not set: unsubscribe links in emails point "
+                               "at %s", s.public_url)
+
             self.tree = ActorTree(s, self.give_up)
             self.tree.start()
             consumers.attach(self.tree)
@@ -291,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"BROKER_URL: required for `{mode}` (processes share RabbitMQ)")
         if mode == "web" and not settings.api_keys:
             raise ConfigError("HERALD_API_KEYS: required for `web`")
+        if mode == "worker" and not (settings.HERALD_SECRET_KEY or settings.api_keys):
+            # Without either, its emails' unsubscribe links would carry a signature
+            # the web process refuses.
+            raise ConfigError("HERALD_SECRET_KEY: required for `worker` (or the web's "
+                              "HERALD_API_KEYS): it signs the unsubscribe links that "
+                              "the web process checks")
         if mode in ("all", "worker"):
             _check_push_providers(settings)
     except ConfigError as exc:

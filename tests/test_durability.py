@@ -622,6 +622,18 @@ def test_postgres_connections_use_the_urls_parameters_and_keepalives(
         "1", "3", "10")
 
 
+def test_a_worker_that_could_not_sign_unsubscribe_links_does_not_start(
+    tmp_path: Path,
+) -> None:
+    env = {"HERALD_API_KEYS": "", "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/"}
+    process = HeraldProcess(env, "worker", cwd=tmp_path).start(wait=False)
+    assert process.proc is not None
+    assert process.proc.wait(30) == 2
+    lines = process.output().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("herald: configuration error: HERALD_SECRET_KEY: ")
+
+
 def test_a_metrics_port_in_use_stops_the_process_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
