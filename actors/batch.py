@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import pykka
@@ -48,6 +50,15 @@ logger = logging.getLogger("herald.email")
 SWEEP_INTERVAL_SECONDS = 60.0
 # The longest wait before a flush tries its failed database call again (seconds).
 DB_RETRY_MAX_SECONDS = 30.0
+# `SendOutcome.status` of an email never to be tried again (see `_settlement`).
+SEND_PERMANENT = "permanent"
+# Path components kept when a rendering failure names its file (``rendering/text.py``).
+RENDER_FAILURE_PATH_PARTS = 2
+# Where the rendering code lives, to tell its stack frames from the libraries' ones.
+_RENDERING_DIR = PurePath(render_digest.__code__.co_filename).parent
+# Innermost stack frames logged for a rendering failure; enough to find the fault,
+# while a deep recursion still logs a few lines rather than a thousand.
+RENDER_FAILURE_STACK_FRAMES = 20
 
 
 # Messages ------------------------------------------------------------------------------
@@ -265,11 +276,17 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         if user is None or not user.enable_offline_email_notifications or not batch.rows:
             self._settle(store.Settlement(batch.claim_id, self.user_id, None))
             return
-        emails = self._render(user, batch)
+        emails, unrendered = self._render(user, batch)
         claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
         user_id, claimer = self.user_id, self.ctx.claimer
+        if not emails:
+            # Nothing to send: settle the unrendered conversations as if SMTP had
+            # refused them, without a round trip through the mail threads.
+            self._sent(_Sent(claim_id, deadline, unrendered))
+            return
 
         def done(outcomes: list[SendOutcome]) -> None:
+            outcomes = unrendered + outcomes
             try:
                 me.tell(_Sent(claim_id, deadline, outcomes))
             except pykka.ActorDeadError:
@@ -279,22 +296,58 @@ class UserBatchActor(SupervisedMixin, PooledActor):
 
         self.ctx.mail.send(emails, done)
 
-    def _render(self, user: Any, batch: store.Batch) -> list[tuple[list[int], Any]]:
+    def _render(
+        self, user: store.BatchUser, batch: store.Batch
+    ) -> tuple[list[tuple[list[int], Any]], list[SendOutcome]]:
+        """The batch's emails, one per conversation, each with its rows; and the
+        outcomes of the conversations that could not be rendered.
+
+        A rendering failure comes from the data (a message's HTML, the user's address
+        or realm URL), so every later try would fail the same way. Raised here, it
+        would crash this actor with the rows still claimed, and each restart after the
+        lease would crash it again: the user's emails never sent nor dead-lettered,
+        and the BatchRouter's restart budget spent. So a conversation that fails is a
+        permanent failure, settled like an SMTP 5xx (its rows go to the dead letters
+        with the reason), and the user's other conversations still go out.
+        """
         settings = self.ctx.settings
         recipient = Recipient(user.id, user.email, user.full_name, user.realm_name,
                               user.realm_url)
-        out = []
+        out: list[tuple[list[int], Any]] = []
+        unrendered: list[SendOutcome] = []
         # One email per conversation; render per conversation to know each one's rows.
         for ids, items in _conversations(batch):
-            messages = render_digest(
-                recipient, items, from_addr=settings.EMAIL_FROM,
-                unsubscribe_url=unsubscribe_url(settings.public_url, user.id,
-                                                settings.secret_key),
-                max_messages=settings.EMAIL_MAX_MESSAGES,
-            )
+            try:
+                messages = render_digest(
+                    recipient, items, from_addr=settings.EMAIL_FROM,
+                    unsubscribe_url=unsubscribe_url(settings.public_url, user.id,
+                                                    settings.secret_key),
+                    max_messages=settings.EMAIL_MAX_MESSAGES,
+                )
+            except Exception as error:
+                unrendered.append(SendOutcome(ids, SEND_PERMANENT,
+                                              self._render_failed(ids, error)))
+                continue
             for message in messages:
                 out.append((ids, message))
-        return out
+        return out, unrendered
+
+    def _render_failed(self, ids: list[int], error: Exception) -> str:
+        """Log a conversation's rendering failure; return its dead-letter reason.
+
+        Both name the exception's type and where it was raised, never its text: that
+        can quote the message (an attribute's value, a piece of HTML), and message
+        content stays out of logs and dead-letter reasons alike. The log adds the
+        stack: file names, lines and source code, no data.
+        """
+        frames = traceback.extract_tb(error.__traceback__, limit=-RENDER_FAILURE_STACK_FRAMES)
+        where = _failure_place(frames)
+        reason = f"rendering failed: {type(error).__name__}{where}"
+        logger.error("email for user %s: %d message(s) of one conversation could not be "
+                     "rendered (%s%s); they go to the dead letters\nStack (most recent "
+                     "call last):\n%s", self.user_id, len(ids), type(error).__name__,
+                     where, "".join(traceback.format_list(frames)).rstrip())
+        return reason
 
     def _sent(self, message: _Sent) -> None:
         sent = sum(1 for o in message.outcomes if o.status == "sent")
@@ -493,6 +546,34 @@ def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
         ref.tell(message)
     except pykka.ActorDeadError:
         pass
+
+
+def _failure_place(frames: traceback.StackSummary) -> str:
+    """Where a rendering failure was raised: `` in urlsplit (urllib/parse.py:497)``.
+
+    When that is library code, the innermost rendering frame follows (``, from
+    _absolute_http_url (rendering/email.py:170)``): the library function alone does
+    not say which input of the email it choked on.
+    """
+    if not frames:
+        return ""
+    place = f" in {_frame_name(frames[-1])}"
+    if not _in_rendering(frames[-1]):
+        ours = [frame for frame in frames if _in_rendering(frame)]
+        if ours:
+            place += f", from {_frame_name(ours[-1])}"
+    return place
+
+
+def _in_rendering(frame: traceback.FrameSummary) -> bool:
+    return PurePath(frame.filename).parent == _RENDERING_DIR
+
+
+def _frame_name(frame: traceback.FrameSummary) -> str:
+    """``function (folder/file.py:line)``: enough to find the code, no full path."""
+    path = PurePath(frame.filename)
+    short = "/".join(path.parts[-RENDER_FAILURE_PATH_PARTS:])
+    return f"{frame.name} ({short}:{frame.lineno})"
 
 
 def _settlement(claim_id: str, user_id: int,

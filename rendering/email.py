@@ -40,7 +40,7 @@ from email.utils import format_datetime, formataddr, parseaddr
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import nh3
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -169,8 +169,20 @@ def _header_safe(value: str) -> str:
     return _HEADER_UNSAFE.sub(" ", value).strip()
 
 
+def _url_parts(url: str) -> SplitResult | None:
+    """`urlsplit(url)`, or None for a URL it refuses (a malformed IPv6 host such as
+    ``http://[x``). Realm URLs and message links are outside data: one that cannot be
+    read leaves its link out, it must not fail the email."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
 def _absolute_http_url(url: str) -> str | None:
-    parts = urlsplit(url)
+    parts = _url_parts(url)
+    if parts is None:
+        return None
     return url if parts.scheme in ("http", "https") and parts.netloc else None
 
 
@@ -187,13 +199,24 @@ def sanitize_html(html: str, base_url: str = "") -> str:
     def _filter(tag: str, attribute: str, value: str) -> str | None:
         if attribute not in ("href", "src", "cite"):
             return value
-        if urlsplit(value).scheme:
+        parts = _url_parts(value)
+        if parts is None:
+            # nh3 would drop the attribute anyway, but print the exception, with the
+            # link, to stderr: message content must not reach the logs.
+            return None
+        if parts.scheme:
             # nh3 already refused schemes outside ALLOWED_URL_SCHEMES.
             return value
         if base is None:
             return None
-        resolved = urljoin(base.rstrip("/") + "/", value)
-        return resolved if urlsplit(resolved).scheme in ALLOWED_URL_SCHEMES else None
+        try:
+            resolved = urljoin(base.rstrip("/") + "/", value)
+        except ValueError:
+            return None
+        resolved_parts = _url_parts(resolved)
+        if resolved_parts is None or resolved_parts.scheme not in ALLOWED_URL_SCHEMES:
+            return None
+        return resolved
 
     return nh3.clean(
         html,

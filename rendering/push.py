@@ -99,8 +99,12 @@ def other_participant_names(message: Message, user_id: int) -> list[str]:
 
 
 def server_host(realm_url: str) -> str:
-    """The host (and port, if any) of `realm_url`, without credentials; ``""`` if none."""
-    netloc = urlsplit(realm_url).netloc
+    """The host (and port, if any) of `realm_url`, without credentials; ``""`` if none,
+    or if the URL cannot be read (``http://[x``): the push goes out without it."""
+    try:
+        netloc = urlsplit(realm_url).netloc
+    except ValueError:
+        return ""
     return netloc.rpartition("@")[2]
 
 

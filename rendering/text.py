@@ -10,6 +10,7 @@ reader needs on a lock screen or in a text-only mail client:
 - other images as their ``alt`` text (nothing when they have none);
 - paragraphs, headings, table rows and line breaks as separate lines;
 - lists as one line per item (``- item`` or ``1. item``), nested lists indented;
+  an ordered list counts from its ``start`` when that is a plain decimal integer;
 - block quotes as lines prefixed with ``> ``;
 - code blocks (``<pre>``) verbatim, line breaks and indentation included;
 - spoilers as their header followed by ``(…)``, so hidden text stays hidden;
@@ -57,6 +58,14 @@ _CELL_TAGS = frozenset({"td", "th"})
 _WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
 # Indentation per nesting level of a list.
 _LIST_INDENT = "  "
+# The most digits an ordered list's ``start`` may have; a longer one is ignored, since
+# no list needs it and `int` refuses (or is slow on) numbers thousands of digits long.
+_MAX_LIST_START_DIGITS = 9
+# An ordered list's ``start``: an optional sign and ASCII digits only. `str.isdigit`
+# would also take superscripts and other scripts' digits, which `int` refuses.
+_LIST_START = re.compile(rf"[+-]?[0-9]{{1,{_MAX_LIST_START_DIGITS}}}")
+# What HTML counts as whitespace around an attribute's value.
+_HTML_SPACE = " \t\n\r\f"
 # Comments and processing instructions never reach the tree. The text goes in as
 # UTF-8 bytes with the encoding stated, so a <meta charset> inside a message cannot
 # make the parser read it as something else.
@@ -106,8 +115,7 @@ class _List(_Lines):
     def __init__(self, element: etree._Element) -> None:
         super().__init__()
         self.ordered = element.tag == "ol"
-        start = _attr(element, "start")
-        self.number = int(start) if start.lstrip("-").isdigit() else 1
+        self.number = _list_start(_attr(element, "start"))
 
     def text(self, value: str) -> None:
         # Stray text directly inside a list still counts as content: a line of its own.
@@ -122,6 +130,17 @@ class _List(_Lines):
         self.lines.append(marker + item[0])
         # Continuation lines (wrapped paragraphs, nested lists) sit under the text.
         self.lines.extend(_LIST_INDENT + line for line in item[1:])
+
+
+def _list_start(value: str) -> int:
+    """The first number of an ordered list, from its ``start`` attribute.
+
+    The attribute comes from message HTML, so it can hold anything; a value that is
+    not a plain decimal integer numbers the list from 1, as if it were absent, rather
+    than failing the push or email the message is in.
+    """
+    value = value.strip(_HTML_SPACE)
+    return int(value) if _LIST_START.fullmatch(value) else 1
 
 
 def _attr(element: etree._Element, name: str) -> str:

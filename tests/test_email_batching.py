@@ -456,6 +456,105 @@ def test_a_stored_message_that_cannot_be_read_is_dead_lettered_alone(
     assert len(smtp.emails()) == 2
 
 
+def actor_restarts(h: InProcessHerald) -> float:
+    """`herald_actor_restarts_total{actor="UserBatchActor"}`, as /metrics shows it."""
+    response = h.client.get("/metrics")
+    assert response.status_code == 200, response.text
+    found = re.search(r'^herald_actor_restarts_total\{actor="UserBatchActor"\} (\S+)$',
+                      response.text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_conversation_that_cannot_be_rendered_is_dead_lettered_and_the_rest_goes_out(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from actors import batch
+
+    secret = "the launch date is friday"
+    real_render = batch.render_digest
+
+    def render_digest(recipient: Any, items: list[Any], **kw: Any) -> Any:
+        # A defect that only this message's content sets off; its text quotes the content.
+        for item in items:
+            if secret in item.message.content_html:
+                raise RuntimeError(f"cannot lay out {item.message.content_html!r}")
+        return real_render(recipient, items, **kw)
+
+    monkeypatch.setattr(batch, "render_digest", render_digest)
+    h = start()
+    restarts_before = actor_restarts(h)
+    for uid in (7, 8):
+        h.put_user(uid, email_batching_period_seconds=1)
+    broken, same_topic = event(7, topic="logo"), event(7, topic="logo")
+    broken["message"]["content_html"] = f"<p>{secret} m{mid(broken)}x</p>"
+    dm, other_user = event(7, stream=None, sender="Bob", sender_id=4), event(8)
+    post(h, broken, same_topic, dm, other_user)
+
+    [to_7] = smtp.wait_for(1, to=addr(7), timeout=15)
+    [to_8] = smtp.wait_for(1, to=addr(8), timeout=15)
+    assert (to_7.subject, to_7.message_ids) == ("DMs with Bob", [mid(dm)])
+    assert to_8.message_ids == [mid(other_user)]
+    wait_until(lambda: dead_letters(h), timeout=10, what="a dead letter")
+    time.sleep(QUIET_SECONDS)
+    # The conversation that failed goes to the dead letters whole, once, saying why
+    # without the content; nothing stays claimed, and no actor crashed over it.
+    [letter] = dead_letters(h)
+    assert (letter.kind, letter.user_id) == ("email_batch", 7)
+    assert letter.reason.startswith("rendering failed: RuntimeError in render_digest ")
+    assert secret not in letter.reason and secret not in caplog.text
+    assert "RuntimeError" in caplog.text
+    assert str(mid(broken)) in letter.payload and str(mid(same_topic)) in letter.payload
+    assert str(mid(dm)) not in letter.payload
+    assert pending(h, 7) == {} and pending(h, 8) == {}
+    assert len(smtp.emails()) == 2
+    assert actor_restarts(h) == restarts_before
+
+
+def test_an_address_or_realm_url_that_cannot_be_rendered_never_stalls_the_batch(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    import models
+
+    h = start()
+    restarts_before = actor_restarts(h)
+    h.put_user(7, email_batching_period_seconds=1)
+    h.put_user(8, realm_name="Acme", email_batching_period_seconds=1)
+    # As rows stored before ingest checked them could hold: an address that cannot be
+    # written in a header (herald does not use SMTPUTF8), and a realm URL that cannot
+    # be parsed.
+    h.db(lambda: models.User.update(email="jörg@example.de")
+         .where(models.User.id == 7).execute())
+    h.db(lambda: models.User.update(realm_url="http://[x")
+         .where(models.User.id == 8).execute())
+    stream_7, dm_7 = event(7), event(7, stream=None, sender="Bob", sender_id=4)
+    to_8 = event(8)
+    to_8["message"]["content_html"] = (
+        f'<p>see m{mid(to_8)}x <a href="/user_uploads/f.pdf">the file</a></p>')
+    post(h, stream_7, dm_7, to_8)
+
+    [got] = smtp.wait_for(1, to=addr(8), timeout=15)
+    assert got.message_ids == [mid(to_8)]
+    assert "notifications turned on in Acme." in got.part("plain")
+    assert "[x" not in got.part("plain") and "[x" not in got.part("html")
+    wait_until(lambda: len(dead_letters(h)) >= 2, timeout=10, what="two dead letters")
+    time.sleep(QUIET_SECONDS)
+    letters = dead_letters(h)
+    assert len(letters) == 2, "one per conversation"
+    assert {d.user_id for d in letters} == {7}
+    for letter in letters:
+        assert letter.kind == "email_batch"
+        # The library call that failed, and the place in herald's rendering that made it.
+        assert re.fullmatch(r"rendering failed: UnicodeEncodeError in formataddr "
+                            r"\(email/utils\.py:\d+\), from render_digest "
+                            r"\(rendering/email\.py:\d+\)", letter.reason), letter.reason
+    assert sorted(str(mid(e)) in d.payload for d in letters for e in (stream_7, dm_7)) == [
+        False, False, True, True]
+    assert pending(h, 7) == {} and pending(h, 8) == {}
+    assert [r.to for r in smtp.emails()] == [addr(8)]
+    assert actor_restarts(h) == restarts_before
+
+
 def test_a_message_nested_too_deep_for_a_recursive_walk_still_makes_its_email(
     start: Callable[..., InProcessHerald], smtp: SmtpInbox
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import sys
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -237,6 +238,42 @@ def test_sanitize_html_without_realm_drops_relative_urls() -> None:
     assert sanitize_html('<a href="mailto:a@b.test">m</a>', "https://r.test") == (
         '<a href="mailto:a@b.test" rel="noopener noreferrer">m</a>'
     )
+
+
+@pytest.mark.parametrize("realm_url", ["http://[x", "https://[::1/x", "http://]x["])
+def test_a_realm_url_that_cannot_be_parsed_renders_without_the_link(realm_url: str) -> None:
+    recipient = Recipient(7, "grace@example.com", "Grace Hopper", "Acme", realm_url)
+    content = ('<p>see <a href="/user_uploads/f.pdf">the file</a> and '
+               '<a href="https://ok.test/">this</a></p>')
+    [rendered] = render_digest(recipient, [DigestItem(stream_msg(1, content_html=content),
+                                                      "mentioned")],
+                               from_addr=FROM, unsubscribe_url=UNSUBSCRIBE)
+    parsed = email.message_from_bytes(rendered.as_bytes(), policy=default_policy)
+    assert isinstance(parsed, EmailMessage)
+    text, html = parts(parsed)
+    assert "see the file and this" in text
+    assert "notifications turned on in Acme." in text and realm_url not in text
+    assert realm_url not in html and "href=\"http://[" not in html
+    # The footer names the realm without a link; a relative link has no base to resolve
+    # against, and is dropped; an absolute one stays.
+    assert '<a href="https://ok.test/" rel="noopener noreferrer">this</a>' in html
+    assert '<a rel="noopener noreferrer">the file</a>' in html
+    assert ">Acme<" not in html and "Acme" in html
+    assert f"Unsubscribe: {UNSUBSCRIBE}" in text
+
+
+@pytest.mark.parametrize("href", ["http://[x", "//[x/y", "https://]x[/", "http://[::1"])
+def test_a_link_that_cannot_be_parsed_is_dropped_quietly(
+    href: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An exception inside nh3's attribute filter is printed with the link (message
+    # content) to stderr through sys.unraisablehook; none may happen.
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    html = sanitize_html(f'<p><a href="{href}">link</a> <img src="{href}" alt="pic"></p>',
+                         "https://chat.acme.test")
+    assert html == '<p><a rel="noopener noreferrer">link</a> <img alt="pic"></p>'
+    assert unraisable == []
 
 
 def test_names_and_topics_are_escaped_in_html() -> None:

@@ -18,6 +18,7 @@ from rendering.push import (
     fcm_remove_data,
     push_subtitle,
     push_title,
+    server_host,
 )
 from rendering.text import html_to_text, truncate
 
@@ -159,6 +160,15 @@ def test_server_keeps_a_port_and_drops_credentials() -> None:
     assert apns_payload(recipient, event())["zulip"]["server"] == "chat.acme.test:8443"
 
 
+def test_a_realm_url_that_cannot_be_read_leaves_the_server_out_of_the_push() -> None:
+    assert server_host("http://[x") == ""
+    recipient = Recipient(7, "g@x.test", "Grace", "Acme", "http://[x")
+    payload = apns_payload(recipient, event())
+    assert payload["zulip"]["server"] == ""
+    assert payload["aps"]["alert"]["body"]
+    assert fcm_data(recipient, event())["server"] == ""
+
+
 def test_group_dm_payload_lists_every_participant() -> None:
     data = fcm_data(ME, event("direct_message", kind="group"))
     assert data["recipient_type"] == "private"
@@ -281,6 +291,37 @@ def test_nested_lists() -> None:
         "<ol start='3'><li>third</li><li>fourth</li></ol>"
     )
     assert html_to_text(html) == "- fruit\n  - apple\n  - pear\n- bread\n3. third\n4. fourth"
+
+
+@pytest.mark.parametrize(
+    ("start", "first"),
+    [
+        ("3", "3"),
+        ("-2", "-2"),
+        ("+4", "4"),
+        (" 5 ", "5"),
+        ("999999999", "999999999"),
+        # Not a plain decimal integer: numbered from 1, as if there were no start.
+        ("--1", "1"),
+        ("²", "1"),  # a superscript, which str.isdigit accepts
+        ("٣", "1"),  # an Arabic-Indic digit
+        ("-", "1"),
+        ("3.5", "1"),
+        ("0x10", "1"),
+        ("1_000", "1"),
+        ("", "1"),
+        ("1" * 10, "1"),
+        ("9" * 5000, "1"),  # longer than int() converts at all
+    ],
+)
+def test_an_ordered_lists_start_is_read_only_when_it_is_a_plain_integer(
+    start: str, first: str
+) -> None:
+    html = f'<p>steps</p><ol start="{start}"><li>one</li><li>two</li></ol>'
+    text = html_to_text(html)
+    assert text == f"steps\n{first}. one\n{int(first) + 1}. two"
+    # The push shows the same text.
+    assert apns_payload(ME, event(html=html))["aps"]["alert"]["body"] == text
 
 
 def test_code_blocks_keep_their_layout() -> None:
