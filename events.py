@@ -7,8 +7,10 @@ An event travels as JSON: the ingest API validates it with `parse_event`, publis
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
+import idna
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -58,8 +60,27 @@ Channel = Literal["push", "email"]
 _ALL_CHANNELS: tuple[Channel, ...] = ("push", "email")
 
 
+# The one character PostgreSQL cannot keep in text (psycopg2 refuses to send it).
+NUL = "\x00"
+# Text without NUL: what the OpenAPI document says of every string (`ingest.openapi`).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
 class _Strict(BaseModel):
+    """The base of every request body: no extra fields, and no NUL in any string."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # A value the database cannot store fails on every try: a user PUT would answer
+        # 503 for ever and an event would be retried until dead-lettered. Refused here,
+        # once for every field of every body (a string inside a list is either a
+        # `Literal` or a field of a nested `_Strict`, so none is missed).
+        if isinstance(value, str) and NUL in value:
+            raise ValueError("must not contain the NUL character (U+0000)")
+        return value
 
 
 class Participant(_Strict):
@@ -79,8 +100,54 @@ _SPACES = "".join(f"\\u{ord(c):04x}" for c in _SPACE_CHARS)
 # Text with something besides space in it (for the OpenAPI document; `_not_blank`
 # checks the same).
 _NOT_BLANK: JsonDict = {"pattern": f"[^{_SPACES}]"}
-# An email address: one @, no space, no control character.
-EMAIL_PATTERN = rf"^[^@{_SPACES}\x00-\x1f\x7f-\x9f]+@[^@{_SPACES}\x00-\x1f\x7f-\x9f]+$"
+# What may stand unquoted before an address's @ (RFC 5322's "atext"), besides the dots
+# between runs of it: no space, quote, <, >, comma, semicolon, colon, bracket or
+# backslash, any of which would end the address or split the To: header in two.
+_ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~\\-"
+_LOCAL_PART = f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*"
+# A domain as mail carries it: dot-separated labels of ASCII letters, digits and inner
+# hyphens, up to 63 characters each (an internationalised label in its "xn--" form).
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = f"{_LABEL}(?:\\.{_LABEL})*"
+# An email address as herald stores it (`deliverable_address` checks the same).
+EMAIL_PATTERN = f"^{_LOCAL_PART}@{_DOMAIN}$"
+# The longest address SMTP carries (RFC 5321's 256-character path, less its <>).
+MAX_EMAIL_LENGTH = 254
+
+
+def deliverable_address(value: str) -> str:
+    """`value` in the form herald stores and mails to; raises ValueError saying why not.
+
+    The digest's To: header and the SMTP envelope take ASCII only (herald does not rely
+    on SMTPUTF8, which not every server on a message's way supports), so an address
+    must be ASCII once its domain is in IDNA form: a Unicode domain (``bücher.de``) is
+    converted (``xn--bcher-kva.de``); a Unicode part before the @ has no such form, and
+    is refused.
+    """
+    if value.count("@") != 1:
+        raise ValueError("an email address has exactly one @")
+    local, _, domain = value.partition("@")
+    if not local.isascii():
+        raise ValueError("the part before the @ must be ASCII: herald's mail goes through "
+                         "servers that may not take non-ASCII addresses (SMTPUTF8)")
+    if not re.fullmatch(_LOCAL_PART, local):
+        raise ValueError("the part before the @ may hold letters, digits, dots (not first, "
+                         "last or two in a row) and !#$%&'*+/=?^_`{|}~- only; other "
+                         "characters would break the email's To: header")
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except UnicodeError as exc:  # idna.IDNAError, and the codec's own
+            raise ValueError(f"the domain is not a valid internationalised domain name "
+                             f"({exc})") from None
+    if not re.fullmatch(_DOMAIN, domain):
+        raise ValueError("the domain must be names of letters, digits and hyphens, "
+                         "separated by dots")
+    address = f"{local}@{domain}"
+    if len(address) > MAX_EMAIL_LENGTH:
+        raise ValueError(f"longer than {MAX_EMAIL_LENGTH} characters once the domain is in "
+                         f"its ASCII (IDNA) form")
+    return address
 
 
 class Message(_Strict):
@@ -178,7 +245,12 @@ def parse_event(data: Any) -> MessageEvent | ReadEvent | MessageDeletedEvent:
 class UserSettingsIn(_Strict):
     """Body of `PUT /v1/users/{user_id}`."""
 
-    email: str = Field(min_length=3, max_length=254, pattern=EMAIL_PATTERN)
+    email: str = Field(
+        min_length=3, max_length=MAX_EMAIL_LENGTH,
+        description="An internationalised domain is also taken, and stored in its IDNA "
+                    "(xn--) form; the part before the @ must be ASCII.",
+        json_schema_extra={"pattern": EMAIL_PATTERN},
+    )
     full_name: str = Field(min_length=1, max_length=200)
     email_batching_period_seconds: Annotated[
         int, Field(gt=0, le=MAX_BATCHING_PERIOD_SECONDS, strict=True), BeforeValidator(_integral)
@@ -188,6 +260,11 @@ class UserSettingsIn(_Strict):
     realm_name: str = Field("", max_length=200)
     realm_url: str = Field("", max_length=500)
     is_bot: bool = Field(False, strict=True)
+
+    @field_validator("email")
+    @classmethod
+    def _deliverable(cls, value: str) -> str:
+        return deliverable_address(value)
 
 
 class DeviceIn(_Strict):

@@ -5,9 +5,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 
-from events import DeviceIn, DeviceRef, MessageDeletedEvent, MessageEvent, ReadEvent, UserSettingsIn
+from events import (
+    NO_NUL_PATTERN,
+    DeviceIn,
+    DeviceRef,
+    MessageDeletedEvent,
+    MessageEvent,
+    ReadEvent,
+    UserSettingsIn,
+)
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -30,12 +39,24 @@ def _body(ref: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
+class _HeraldJsonSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema, saying of every string what the models check of it: no
+    U+0000 (`events._Strict`). A string with a pattern of its own keeps it; each of
+    those leaves NUL out already."""
+
+    def str_schema(self, schema: core_schema.StringSchema) -> JsonSchemaValue:
+        out = super().str_schema(schema)
+        out.setdefault("pattern", NO_NUL_PATTERN)
+        return out
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (MessageEvent, ReadEvent, MessageDeletedEvent,
                                      UserSettingsIn, DeviceIn, DeviceRef)],
         ref_template="#/components/schemas/{model}",
+        schema_generator=_HeraldJsonSchema,
     )
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     schemas["Error"] = {
@@ -67,24 +88,25 @@ def openapi_document() -> dict[str, Any]:
                 "put": {"requestBody": _body("#/components/schemas/UserSettingsIn"),
                         "responses": {"200": _answer("The stored user"),
                                       **_errors(400, 401, 413, 422, 503)}},
-                "get": {"responses": {"200": _answer("The user"), **_errors(400, 401, 404)}},
+                "get": {"responses": {"200": _answer("The user"),
+                                      **_errors(400, 401, 404, 503)}},
             },
             "/v1/users/{user_id}/devices": {
                 "parameters": [user_id],
                 "post": {"requestBody": _body("#/components/schemas/DeviceIn"),
                          "responses": {"201": _answer("Registered"),
                                        "200": _answer("Already registered"),
-                                       **_errors(400, 401, 404, 413, 422)}},
+                                       **_errors(400, 401, 404, 413, 422, 503)}},
                 "get": {"responses": {"200": _answer("The user's devices"),
-                                      **_errors(400, 401, 404)}},
+                                      **_errors(400, 401, 404, 503)}},
                 "delete": {"requestBody": _body("#/components/schemas/DeviceRef"),
                            "responses": {"204": _answer("Removed"),
-                                         **_errors(400, 401, 404, 422)}},
+                                         **_errors(400, 401, 404, 413, 422, 503)}},
             },
             "/v1/users/{user_id}/pending": {
                 "parameters": [user_id],
                 "get": {"responses": {"200": _answer("Messages waiting in the email batch"),
-                                      **_errors(400, 401, 404)}},
+                                      **_errors(400, 401, 404, 503)}},
             },
             "/v1/events": {"post": {
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
@@ -103,7 +125,7 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string"}}],
                 "get": {"security": [], "responses": {"200": _answer("Confirmation page")}},
                 "post": {"security": [], "responses": {"200": _answer("Unsubscribed"),
-                                                       **_errors(404)}},
+                                                       **_errors(404, 503)}},
             },
         },
     }

@@ -10,6 +10,7 @@ methods. Generation is derandomised so that a failure here repeats run after run
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +75,41 @@ def _register(herald: HeraldProcess, user_ids: set[int]) -> None:
             response = client.put(f"/v1/users/{int(user_id)}", json={
                 "email": f"user{int(user_id)}@example.com", "full_name": "Contract"})
             assert response.status_code == 200, response.text
+
+
+# Operations that answer without the database or the broker.
+_NO_BACKEND = {("/metrics", "get"), ("/v1/unsubscribe/{token}", "get")}
+
+
+def test_every_operation_declares_the_failures_it_can_answer_with() -> None:
+    # Each operation that reaches the database or the broker can answer 503 when they
+    # are down, and each that reads a body, 413 when it is over the limit.
+    for path, item in openapi_document()["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            codes = operation["responses"]
+            if (path, method) not in _NO_BACKEND:
+                assert "503" in codes, (method, path)
+            if "requestBody" in operation:
+                assert "413" in codes, (method, path)
+
+
+def test_every_string_of_a_body_is_documented_without_nul() -> None:
+    def strings(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("type") == "string" and not {"enum", "const"} & node.keys():
+                yield node
+            for key, value in node.items():
+                if key != "then":  # a rule's restatement of a field's type
+                    yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+
+    schemas = openapi_document()["components"]["schemas"]
+    found = list(strings([s for name, s in schemas.items() if name != "Error"]))
+    assert len(found) > 10
+    for string in found:
+        assert "pattern" in string, string
+        assert not re.search(string["pattern"], "a\x00b"), string

@@ -3,14 +3,27 @@ queued message. Run on both backends."""
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import json
-from collections.abc import Iterator
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
 from tests.conftest import message_event
-from tests.harness import InProcessHerald, backend_env, rabbit_queue_depth
+from tests.harness import (
+    InProcessHerald,
+    as_outage_role,
+    backend_env,
+    database_outage,
+    end_outage,
+    rabbit_queue_depth,
+)
 
 USER = 7
 
@@ -164,6 +177,52 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str | None]] =
      {"kind": "fcm", "token": "nope"}, None, 404, "token"),
     ("idempotency key too long", "POST", "/v1/events", message_event(USER),
      {"Idempotency-Key": "k" * 300}, 400, "Idempotency-Key"),
+    # NUL (U+0000), which PostgreSQL cannot store, in any string of any body.
+    ("full_name with NUL", "PUT", f"/v1/users/{USER}", {**GOOD, "full_name": "Ada\u0000"},
+     None, 422, "full_name"),
+    ("realm_name with NUL", "PUT", f"/v1/users/{USER}", {**GOOD, "realm_name": "\u0000"},
+     None, 422, "realm_name"),
+    ("realm_url with NUL", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "realm_url": "https://chat.example.com/\u0000"}, None, 422, "realm_url"),
+    ("ios_app_id with NUL", "POST", f"/v1/users/{USER}/devices",
+     {"kind": "apns", "token": "abc", "ios_app_id": "org.\u0000zulip"}, None, 422,
+     "ios_app_id"),
+    ("group name with NUL", "POST", "/v1/events",
+     _with(mentioned_user_group_id=5, mentioned_user_group_name="team\u0000"), None, 422,
+     "mentioned_user_group_name"),
+    ("topic with NUL", "POST", "/v1/events", _message_with(topic="lo\u0000go"), None, 422,
+     "message.topic"),
+    ("content with NUL", "POST", "/v1/events", _message_with(content_html="<p>\u0000</p>"),
+     None, 422, "message.content_html"),
+    ("sender name with NUL", "POST", "/v1/events", _message_with(sender_full_name="\u0000"),
+     None, 422, "message.sender_full_name"),
+    ("sender email with NUL", "POST", "/v1/events",
+     _message_with(sender_email="ada\u0000@example.com"), None, 422, "message.sender_email"),
+    ("participant name with NUL", "POST", "/v1/events",
+     _message_with(recipient_type="private", stream=None, stream_id=None, topic=None,
+                   pm_users=[{"id": 3, "full_name": "Ada"}, {"id": USER, "full_name": "B\u0000"}]),
+     None, 422, "message.pm_users.1.full_name"),
+    ("NUL in the second event of a batch", "POST", "/v1/events",
+     {"events": [message_event(USER), _message_with(stream="de\u0000sign")]}, None, 422,
+     "events[1].message.stream"),
+    # Addresses a digest could not be sent to, or whose To: header they would break.
+    ("email with a non-ASCII local part", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "jörg@example.de"}, None, 422, "email"),
+    *[(f"email with {char!r} before the @", "PUT", f"/v1/users/{USER}",
+       {**GOOD, "email": f"a{char}b@example.com"}, None, 422, "email")
+      for char in ('>', ',', '"', '<', ';', ':', '\\', '(', '[', ' ')],
+    ("email quoted whole", "PUT", f"/v1/users/{USER}", {**GOOD, "email": '"ada"@example.com'},
+     None, 422, "email"),
+    ("email with two dots in a row", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada..b@example.com"}, None, 422, "email"),
+    ("email with two @", "PUT", f"/v1/users/{USER}", {**GOOD, "email": "a@b@example.com"},
+     None, 422, "email"),
+    ("email with > in the domain", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada@exa>mple.com"}, None, 422, "email"),
+    ("email with an empty domain label", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada@example..com"}, None, 422, "email"),
+    ("email with an invalid internationalised domain", "PUT", f"/v1/users/{USER}",
+     {**GOOD, "email": "ada@\u2603\u2603.example"}, None, 422, "email"),
 ]
 
 
@@ -233,3 +292,167 @@ def test_openapi_and_health_need_no_key(idle_herald: InProcessHerald) -> None:
     assert "/v1/events" in spec["paths"]
     metrics = client.get("/metrics", headers={"Authorization": ""}).text
     assert "herald_pending_email_users" in metrics
+
+
+# Addresses --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("first.last+tag@mail.sub-domain.example.co.uk",
+     "first.last+tag@mail.sub-domain.example.co.uk"),
+    ("o'brien_2@Example.COM", "o'brien_2@Example.COM"),
+    # An internationalised domain is kept in the form mail carries it (IDNA).
+    ("bob@bücher.de", "bob@xn--bcher-kva.de"),
+    ("Bob@BÜCHER.de", "Bob@xn--bcher-kva.de"),
+    ("ada@faß.de", "ada@xn--fa-hia.de"),
+])
+def test_an_address_is_stored_in_a_form_a_digest_can_be_sent_to(
+    idle_herald: InProcessHerald, given: str, stored: str
+) -> None:
+    response = idle_herald.client.put("/v1/users/8", json={"email": given, "full_name": "B"})
+    assert response.status_code == 200, response.text
+    assert response.json()["email"] == stored
+    assert idle_herald.client.get("/v1/users/8").json()["email"] == stored
+    # What the digest does with it: a To: header, which takes ASCII only.
+    assert email.utils.formataddr(("B", stored)).encode("ascii")
+
+
+def test_an_address_refused_says_why(idle_herald: InProcessHerald) -> None:
+    def refusal(address: str) -> str:
+        response = idle_herald.client.put(f"/v1/users/{USER}",
+                                          json={**GOOD, "email": address})
+        assert response.status_code == 422 and response.json()["field"] == "email"
+        return str(response.json()["error"])
+
+    assert "ASCII" in refusal("jörg@example.de")
+    assert "To: header" in refusal("a>b@example.com")
+    assert "domain" in refusal("ada@exa_mple.com")
+
+
+def test_the_documented_email_pattern_is_what_is_checked() -> None:
+    # The OpenAPI document states the ASCII form, for every regex engine alike.
+    from events import EMAIL_PATTERN, deliverable_address
+
+    samples = ["ada@example.com", "a.b-c+d@x.y", "a@localhost", "a..b@x.com", ".a@x.com",
+               "a.@x.com", "a@-x.com", "a@x-.com", "a@x.com.", "a@" + "x" * 64 + ".com",
+               "a@" + "x" * 63 + ".com", "a>b@x.com", "a@b@x.com", "a b@x.com",
+               "a@x.com\n", "{|}~`^?=/*!#$%&'@x.y"]
+    for sample in samples:
+        try:
+            accepted = deliverable_address(sample) == sample
+        except ValueError:
+            accepted = False
+        assert accepted == bool(re.fullmatch(EMAIL_PATTERN, sample)), sample
+
+
+# Idempotency keys left in progress -------------------------------------------------------
+
+
+def _queued(h: InProcessHerald) -> dict[str, int]:
+    from intake.queues import all_queues
+
+    state = snapshot(h)
+    return {q: state[q] for q in all_queues(h.settings.PUSH_SHARDS)}
+
+
+def test_an_idempotency_key_left_in_progress_is_taken_over_once_abandoned(
+    idle_herald: InProcessHerald,
+) -> None:
+    """The request that marked the key died (or lost the database) before storing its
+    answer: retries get 409 while it could still be running, then take the key over."""
+    import models
+    from ingest.api import IN_PROGRESS, IN_PROGRESS_ABANDONED_SECONDS, scoped_key
+
+    raw = json.dumps(message_event(USER)).encode()
+    key = f"left-{time.time_ns()}"
+    row = models.IdempotencyKey
+    scoped = scoped_key("test-key", key)
+    idle_herald.db(lambda: row.create(key=scoped, request_hash=hashlib.sha256(raw).hexdigest(),
+                                      status=IN_PROGRESS, body="", created_at=time.time()))
+
+    def post(body: bytes = raw) -> Any:
+        return idle_herald.client.post("/v1/events", content=body, headers={
+            "Content-Type": "application/json", "Idempotency-Key": key})
+
+    before = _queued(idle_herald)
+    assert post().status_code == 409
+    assert _queued(idle_herald) == before
+
+    idle_herald.db(lambda: row.update(
+        created_at=time.time() - IN_PROGRESS_ABANDONED_SECONDS - 1).where(
+        row.key == scoped).execute())
+    # Another body under the key is still refused, not run.
+    other = post(json.dumps(message_event(USER)).encode())
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    assert _queued(idle_herald) == before
+
+    taken = post()
+    assert taken.status_code == 202 and taken.json() == {"accepted": 1}
+    after = _queued(idle_herald)
+    assert sum(after.values()) == sum(before.values()) + 2  # its push and its email
+    stored = idle_herald.db(lambda: row.get_by_id(scoped))
+    assert stored.status == 202
+
+    again = post()
+    assert again.status_code == 202 and again.json() == {"accepted": 1}
+    assert _queued(idle_herald) == after
+
+
+# Health -----------------------------------------------------------------------------------
+
+
+def _served(h: InProcessHerald) -> TestClient:
+    """The API with the health checks `supervisor.py` gives it, kept running between
+    requests (so its threads, and what they hold, live on as in a server)."""
+    import models
+    from ingest.app import create_app
+    from intake.broker import ping as broker_ping
+
+    checks: list[Callable[[], None]] = [models.ping, lambda: broker_ping(h.broker)]
+    return TestClient(create_app(h.api, checks))
+
+
+@pytest.mark.parametrize("backend", ["production"])
+def test_health_holds_no_connection_and_recovers_from_a_database_restart(
+    env: dict[str, str],
+) -> None:
+    h = InProcessHerald(as_outage_role(env), start_worker=False)
+    try:
+        with _served(h) as client:
+            for _ in range(3):
+                assert client.get("/healthz").status_code == 200
+            assert not h.database._in_use  # type: ignore[attr-defined]
+            assert database_outage(0.0) >= 1
+            time.sleep(0.5)  # the server's goodbye reaches every socket
+            response = client.get("/healthz")
+            assert response.status_code == 200, response.text
+            assert not h.database._in_use  # type: ignore[attr-defined]
+    finally:
+        end_outage()
+        h.stop()
+
+
+@pytest.mark.parametrize("backend", ["production"])
+def test_health_says_unavailable_while_the_broker_is_down(env: dict[str, str]) -> None:
+    h = InProcessHerald(env, start_worker=False)
+    vhost = env["BROKER_URL"].rsplit("/", 1)[1]
+
+    def rabbitmqctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+
+    try:
+        with _served(h) as client:
+            assert client.get("/healthz").status_code == 200
+            # The broker goes away for this herald: its connections are closed, and
+            # new ones refused.
+            rabbitmqctl("delete_vhost", vhost)
+            time.sleep(0.5)
+            for _ in range(2):
+                response = client.get("/healthz")
+                assert response.status_code == 503, response.text
+                assert response.json()["status"] == "unavailable"
+            rabbitmqctl("add_vhost", vhost)
+            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+            assert client.get("/healthz").status_code == 200
+    finally:
+        h.stop()
