@@ -417,5 +417,13 @@ def in_thread_connection(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwar
 
 
 def ping() -> None:
-    """Run a trivial query; raises if the database is unreachable."""
-    db.execute_sql("SELECT 1").fetchone()
+    """Run a trivial query; raises if the database is unreachable.
+
+    Inside a connection context, as requests are: a health probe runs on a thread of
+    the web's pool, and a connection opened there outside one would never go back to
+    the pool, and one the server dropped (a restart) would stay on that thread, failing
+    every later probe. In a context, the connection is checked out (a dropped one is
+    replaced) and handed back each time.
+    """
+    with db.connection_context():
+        db.execute_sql("SELECT 1").fetchone()

@@ -50,6 +50,13 @@ logger = logging.getLogger("herald.ingest")
 MAX_ID = 2**63 - 1
 # Marks an idempotency key whose first request is still being handled.
 IN_PROGRESS = 0
+# Age past which a key still marked in progress counts as abandoned (its request's
+# process died, or the database went away before the answer could be stored), so the
+# next retry with that key takes it over. Longer than any request runs: each of its
+# database steps waits at most 30 s for a connection or a lock, and the publish
+# takes about a second. Were a request slower still, its events would be queued
+# twice, which the workers' idempotent steps absorb.
+IN_PROGRESS_ABANDONED_SECONDS = 120
 
 
 class HeraldAPI:
@@ -130,8 +137,10 @@ class HeraldAPI:
             PushDevice.update(ios_app_id=data.ios_app_id).where(
                 PushDevice.id == device.id).execute()
             device = PushDevice.get_by_id(device.id)
-        if fresh:
-            self._bouncer_sync(COMMAND_BOUNCER_REGISTER, user, device.as_dict())
+        # Published for a device already there too: its first registration may never
+        # have been published (the broker refused it and the client was answered 503,
+        # then retried), and the bouncer takes a registration it has as a no-op.
+        self._bouncer_sync(COMMAND_BOUNCER_REGISTER, user, device.as_dict())
         return (201 if fresh else 200), device.as_dict()
 
     def list_devices(self, user_id: Any) -> dict[str, Any]:
@@ -151,8 +160,13 @@ class HeraldAPI:
         )
         if device is None:
             raise ApiError(404, "unknown device", "token")
-        PushDevice.delete().where(PushDevice.id == device.id).execute()
+        # The unregister is queued before the row goes, so a request whose publish fails
+        # (503) leaves the device in place, and its retry finds it and publishes again.
+        # Deleting first would make that retry a 404 that never tells the bouncer; and
+        # publishing for a device herald does not have would dead-letter each such
+        # request, as the bouncer refuses to unregister a token it does not know.
         self._bouncer_sync(COMMAND_BOUNCER_UNREGISTER, user, device.as_dict())
+        PushDevice.delete().where(PushDevice.id == device.id).execute()
 
     def _bouncer_sync(self, command: str, user: User, device: dict[str, Any]) -> None:
         if not self.settings.PUSH_BOUNCER_URL:
@@ -238,14 +252,16 @@ class HeraldAPI:
 
         A repeat with the same body gets the stored answer; a different body is a 422;
         a repeat while the first is still running is a 409. A refused request stores
-        nothing, so it can be corrected and sent again with the same key.
+        nothing, so it can be corrected and sent again with the same key. A key marked
+        in progress for longer than `IN_PROGRESS_ABANDONED_SECONDS` was abandoned (its
+        request never finished storing an answer): a repeat takes it over and runs.
         """
         if key is None:
             return run()  # type: ignore[no-any-return]
         if not (0 < len(key) <= 255) or not key.isprintable():
             raise ApiError(400, "Idempotency-Key must be 1-255 printable characters",
                            "Idempotency-Key")
-        scoped = hashlib.sha256(api_key.encode()).hexdigest()[:16] + ":" + key
+        scoped = scoped_key(api_key, key)
         digest = hashlib.sha256(raw_body).hexdigest()
         now = time.time()
         ttl = self.settings.IDEMPOTENCY_TTL_SECONDS
@@ -254,15 +270,18 @@ class HeraldAPI:
             existing.delete_instance()
             existing = None
         if existing is not None:
-            return _replay(existing, digest)
-        try:
-            IdempotencyKey.create(key=scoped, request_hash=digest, status=IN_PROGRESS, body="")
-        except pw.IntegrityError:
-            again = IdempotencyKey.get_or_none(IdempotencyKey.key == scoped)
-            if again is None:
-                raise ApiError(409, "a request with this Idempotency-Key is in progress",
-                               "Idempotency-Key") from None
-            return _replay(again, digest)
+            if not _take_over(existing, digest, now):
+                return _replay(existing, digest)
+        else:
+            try:
+                IdempotencyKey.create(key=scoped, request_hash=digest, status=IN_PROGRESS,
+                                      body="", created_at=now)
+            except pw.IntegrityError:
+                again = IdempotencyKey.get_or_none(IdempotencyKey.key == scoped)
+                if again is None:
+                    raise ApiError(409, "a request with this Idempotency-Key is in progress",
+                                   "Idempotency-Key") from None
+                return _replay(again, digest)
         try:
             status, answer = run()
         except BaseException:
@@ -272,6 +291,32 @@ class HeraldAPI:
             IdempotencyKey.key == scoped).execute()
         IdempotencyKey.delete().where(IdempotencyKey.created_at < now - ttl).execute()
         return status, answer
+
+
+def scoped_key(api_key: str, key: str) -> str:
+    """The stored form of an `Idempotency-Key`: one caller's keys never meet another's."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16] + ":" + key
+
+
+def _take_over(row: IdempotencyKey, digest: str, now: float) -> bool:
+    """Claim `row` for this request if its own request abandoned it; True if claimed.
+
+    Without this, a request that died before storing its answer (or before removing
+    its mark after a failure) would leave its key answering 409 until the TTL ran out.
+    The claim is one conditional update, so of two retries that find the same
+    abandoned row only one runs the work; the other sees it in progress again.
+    """
+    cutoff = now - IN_PROGRESS_ABANDONED_SECONDS
+    if row.status != IN_PROGRESS or row.created_at >= cutoff or row.request_hash != digest:
+        return False
+    claimed = IdempotencyKey.update(created_at=now).where(
+        (IdempotencyKey.key == row.key) & (IdempotencyKey.status == IN_PROGRESS)
+        & (IdempotencyKey.created_at < cutoff)
+    ).execute()
+    if claimed:
+        logger.warning("Idempotency-Key in progress for %.0f s taken over as abandoned",
+                       now - row.created_at)
+    return bool(claimed)
 
 
 def _replay(row: IdempotencyKey, digest: str) -> tuple[int, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import dramatiq
+import pika.exceptions
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import ShutdownNotifications
 
@@ -48,7 +49,32 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
 
 
 def ping(broker: dramatiq.Broker) -> None:
-    """Raise if the broker cannot be reached."""
-    # Opening (or reusing) this thread's channel proves the connection works.
-    if isinstance(broker, RabbitmqBroker) and not broker.channel.is_open:
+    """Raise if the broker cannot be reached; publishes nothing.
+
+    RabbitMQ: this thread's connection (Dramatiq keeps one per thread) reads what is
+    waiting on its socket without waiting for more. A connection the broker closed
+    (a shutdown, a restart) raises there, where its cached `is_open` would still say
+    yes. Such a connection may also have died while the broker is back up (a restart,
+    a missed heartbeat), so it is replaced once, and only a new connection that fails
+    too says the broker is down.
+    """
+    if not isinstance(broker, RabbitmqBroker):
+        return  # in-process: always there
+    try:
+        _read_pending(broker)
+    except _CONNECTION_LOST:
+        del broker.connection  # this thread's, and its channel
+        _read_pending(broker)
+
+
+# What a lost or refused RabbitMQ connection raises (pika wraps socket errors).
+_CONNECTION_LOST = (pika.exceptions.AMQPError, OSError)
+
+
+def _read_pending(broker: RabbitmqBroker) -> None:
+    channel = broker.channel  # connects, on this thread's first use or after a loss
+    if not channel.is_open:
         raise ConnectionError("RabbitMQ channel is closed")
+    # A zero time limit handles what has arrived (a close from the broker, the end of
+    # the stream, heartbeats due) and returns at once.
+    broker.connection.process_data_events(time_limit=0)

@@ -1011,6 +1011,70 @@ def test_bouncer_notify_carries_zulip_fields_and_devices_sync(
     assert unregister.status == 200 and unregister.fields["token_kind"] == "2"
 
 
+def _broker_refuses_commands(h: InProcessHerald, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(h.api.publisher, "command", refuse)
+
+
+def test_a_device_added_again_after_its_register_was_lost_reaches_the_bouncer(
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = start(**bouncer_env(fake_bouncer))
+    add_user(h, 7)
+    token = fcm_token()
+    body = {"kind": "fcm", "token": token}
+    with monkeypatch.context() as patch:
+        _broker_refuses_commands(h, patch)
+        response = h.client.post("/v1/users/7/devices", json=body)
+        assert response.status_code == 503, response.text
+    assert devices(h, 7) == {("fcm", token)}  # stored, but the bouncer never heard
+
+    # The client retries: the device is there already, and the register goes out.
+    progress = Progress()
+    response = h.client.post("/v1/users/7/devices", json=body)
+    assert response.status_code == 200, response.text
+    progress.wait(1)
+    assert _registered(fake_bouncer) == {(TOKEN_KIND_FCM, token)}
+    # Registering again is a no-op at the bouncer, not a failure.
+    progress = Progress()
+    assert h.client.post("/v1/users/7/devices", json=body).status_code == 200
+    progress.wait(1)
+    assert [r.status for r in fake_bouncer.received("push/register")] == [200, 200]
+    assert _registered(fake_bouncer) == {(TOKEN_KIND_FCM, token)}
+    assert dead_letters(h) == []
+
+
+def test_a_device_removed_again_after_its_unregister_was_lost_leaves_the_bouncer(
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = start(**bouncer_env(fake_bouncer))
+    apple, android = _bouncer_user(h, fake_bouncer, 7)
+    body = {"kind": "fcm", "token": android}
+    with monkeypatch.context() as patch:
+        _broker_refuses_commands(h, patch)
+        response = h.client.request("DELETE", "/v1/users/7/devices", json=body)
+        assert response.status_code == 503, response.text
+    # Nothing told the bouncer, so the device stays for the retry to find.
+    assert devices(h, 7) == {("apns", apple), ("fcm", android)}
+
+    response = h.client.request("DELETE", "/v1/users/7/devices", json=body)
+    assert response.status_code == 204, response.text
+    wait_until(lambda: _registered(fake_bouncer) == {(TOKEN_KIND_APNS, apple)},
+               what="device unregistered at the bouncer")
+    assert devices(h, 7) == {("apns", apple)}
+    # A device herald no longer has is not sent to the bouncer again, which would refuse
+    # a token it does not know and leave a dead letter.
+    response = h.client.request("DELETE", "/v1/users/7/devices", json=body)
+    assert response.status_code == 404, response.text
+    settle()
+    assert [r.status for r in fake_bouncer.received("push/unregister")] == [200]
+    assert dead_letters(h) == []
+
+
 def test_bouncer_deleted_devices_are_deleted_locally(
     fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
 ) -> None:
