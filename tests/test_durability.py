@@ -566,7 +566,8 @@ def test_an_unreachable_database_at_start_up_stops_with_one_line(
     tmp_path: Path, command: list[str],
 ) -> None:
     env = {**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/test",
-           "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/", "PYTHONPATH": str(ROOT)}
+           "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/", "HERALD_SECRET_KEY": "s",
+           "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "supervisor.py"), *command], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 75
