@@ -307,6 +307,18 @@ class HeraldProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def wait_exit(self, timeout: float = 30) -> int | None:
+        """The exit status once the process has ended by itself; None (and the process
+        killed, so no failed test leaves one behind) if it is still running after
+        `timeout` seconds."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

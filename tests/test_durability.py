@@ -579,7 +579,7 @@ def test_an_unreachable_database_at_start_up_stops_with_one_line(
 def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
     process = HeraldProcess({"PUSH_SHARDS": "many"}, "all", cwd=tmp_path).start(wait=False)
     assert process.proc is not None
-    assert process.proc.wait(30) == 2
+    assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1 and "PUSH_SHARDS" in lines[0]
 
@@ -595,7 +595,7 @@ def test_a_database_url_with_options_that_would_be_ignored_stops_with_one_line(
 ) -> None:
     process = HeraldProcess({"DATABASE_URL": url}, "all", cwd=tmp_path).start(wait=False)
     assert process.proc is not None
-    assert process.proc.wait(30) == 2
+    assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herald: configuration error: DATABASE_URL")
     assert says in lines[0]
@@ -629,7 +629,7 @@ def test_a_worker_that_could_not_sign_unsubscribe_links_does_not_start(
     env = {"HERALD_API_KEYS": "", "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/"}
     process = HeraldProcess(env, "worker", cwd=tmp_path).start(wait=False)
     assert process.proc is not None
-    assert process.proc.wait(30) == 2
+    assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("herald: configuration error: HERALD_SECRET_KEY: ")
@@ -643,7 +643,7 @@ def test_a_metrics_port_in_use_stops_the_process_with_one_line(tmp_path: Path) -
         process = HeraldProcess({"METRICS_PORT": str(port)}, "all", cwd=tmp_path)
         process.start(wait=False)
         assert process.proc is not None
-        assert process.proc.wait(30) == 2
+        assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert lines[-1].startswith("herald: configuration error: METRICS_PORT: "), lines
     assert "Traceback" not in process.output()
@@ -660,7 +660,7 @@ def test_push_credentials_that_cannot_be_used_stop_the_worker_with_one_line(
         env.update(APNS_KEY_ID="ABC123DEFG", APNS_TEAM_ID="TEAM123456", APNS_TOPIC="org.x")
     process = HeraldProcess(env, "all", cwd=tmp_path).start(wait=False)
     assert process.proc is not None
-    assert process.proc.wait(30) == 2
+    assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"herald: configuration error: {setting}: "), lines[0]
@@ -670,7 +670,7 @@ def test_push_credentials_that_cannot_be_used_stop_the_worker_with_one_line(
 def test_a_bad_cpu_affinity_stops_with_one_line(tmp_path: Path, value: str) -> None:
     process = HeraldProcess({"CPU_AFFINITY": value}, "all", cwd=tmp_path).start(wait=False)
     assert process.proc is not None
-    assert process.proc.wait(30) == 2
+    assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herald: configuration error: CPU_AFFINITY: ")
 
