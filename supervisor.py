@@ -144,7 +144,7 @@ class Process:
         if self.mode in ("all", "worker"):
             from actors.tree import ActorTree
 
-            if not s.PUBLIC_URL:
+            if self.mode == "worker" and not s.PUBLIC_URL:
                 logger.warning("PUBLIC_URL is not set: unsubscribe links in emails point "
                                "at %s", s.public_url)
 
@@ -318,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except DATABASE_UNAVAILABLE as exc:
         # Only start-up gets here: once running, database errors are retried inside.
-        reason = " ".join(str(exc).split())[:300]
-        print(f"herald: database unavailable: {reason}", file=sys.stderr)
+        print(f"herald: database unavailable: {_one_line(exc)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 
@@ -344,20 +343,12 @@ def _check_push_providers(settings: Any) -> None:
 
     try:
         check_providers(settings)
-    except (ValueError, OSError) as exc:
-        text = " ".join(str(exc).split())[:300]
-        if not text.split(":", 1)[0].isupper():
-            # Name the setting when the client library's message does not.
-            text = f"{_provider_setting(settings)}: {text}"
-        raise ConfigError(text) from None
+    except (ValueError, OSError) as exc:  # the senders' errors name their setting
+        raise ConfigError(_one_line(exc)) from None
 
 
-def _provider_setting(settings: Any) -> str:
-    if settings.PUSH_BOUNCER_URL:
-        return "PUSH_BOUNCER_URL"
-    if settings.fcm_enabled:
-        return "FCM_CREDENTIALS"
-    return "APNS_KEY_FILE" if settings.APNS_KEY_FILE else "APNS_CERT_FILE"
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def _pin_to(cpus: frozenset[int]) -> None:

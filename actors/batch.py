@@ -50,8 +50,6 @@ logger = logging.getLogger("herald.email")
 SWEEP_INTERVAL_SECONDS = 60.0
 # The longest wait before a flush tries its failed database call again (seconds).
 DB_RETRY_MAX_SECONDS = 30.0
-# `SendOutcome.status` of an email never to be tried again (see `_settlement`).
-SEND_PERMANENT = "permanent"
 # Path components kept when a rendering failure names its file (``rendering/text.py``).
 RENDER_FAILURE_PATH_PARTS = 2
 # Where the rendering code lives, to tell its stack frames from the libraries' ones.
@@ -325,7 +323,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                     max_messages=settings.EMAIL_MAX_MESSAGES,
                 )
             except Exception as error:
-                unrendered.append(SendOutcome(ids, SEND_PERMANENT,
+                unrendered.append(SendOutcome(ids, "permanent",
                                               self._render_failed(ids, error)))
                 continue
             for message in messages:

@@ -123,7 +123,11 @@ class FcmSender:
         app_name: str = "herald",
     ) -> None:
         self._timeout = timeout
-        certificate = firebase_credentials.Certificate(credentials_file)
+        try:
+            certificate = firebase_credentials.Certificate(credentials_file)
+        except (ValueError, OSError) as exc:
+            # Named like the other providers' errors, for the start-up check's one line.
+            raise ValueError(f"FCM_CREDENTIALS: {' '.join(str(exc).split())}") from None
         options: dict[str, Any] = {"httpTimeout": timeout}
         if project_id:
             options["projectId"] = project_id

@@ -48,6 +48,10 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
+# What a lost or refused RabbitMQ connection raises (pika wraps socket errors).
+_CONNECTION_LOST = (pika.exceptions.AMQPError, OSError)
+
+
 def ping(broker: dramatiq.Broker) -> None:
     """Raise if the broker cannot be reached; publishes nothing.
 
@@ -65,10 +69,6 @@ def ping(broker: dramatiq.Broker) -> None:
     except _CONNECTION_LOST:
         del broker.connection  # this thread's, and its channel
         _read_pending(broker)
-
-
-# What a lost or refused RabbitMQ connection raises (pika wraps socket errors).
-_CONNECTION_LOST = (pika.exceptions.AMQPError, OSError)
 
 
 def _read_pending(broker: RabbitmqBroker) -> None:
