@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import select
 import time
 import uuid
@@ -118,6 +119,9 @@ class UserMessage(BaseModel):
     message_id = pw.BigIntegerField()
     read = pw.BooleanField(default=False)
     active_push = pw.BooleanField(default=False)
+    # When the push was last planned (made active, or planned again for a retry); the
+    # push may still be on its way until its devices' receipts are written.
+    push_planned_at = pw.DoubleField(null=True)
 
     class Meta:
         indexes = ((("user_id", "message_id"), True),)
@@ -225,6 +229,18 @@ class IdempotencyKey(BaseModel):
     created_at = pw.DoubleField(default=time.time, index=True)
 
 
+class InstanceSecret(BaseModel):
+    """A secret this deployment generated for itself, kept in its database so that every
+    start against the same database uses the same one (see `instance_secret`)."""
+
+    name = pw.CharField(max_length=64, primary_key=True)
+    value = pw.TextField()
+    created_at = pw.DoubleField(default=time.time)
+
+    class Meta:
+        table_name = "instance_secret"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     User,
     Message,
@@ -234,6 +250,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     ScheduledMessageNotificationEmail,
     DeadLetter,
     IdempotencyKey,
+    InstanceSecret,
 ]
 
 
@@ -353,24 +370,46 @@ def is_postgres() -> bool:
 def migrate(database: pw.Database | None = None) -> list[str]:
     """Apply every pending migration; return the names applied.
 
-    On PostgreSQL an advisory lock makes concurrent starts of several workers safe.
+    Processes that start at once (several workers, or an `all` beside a `migrate`)
+    take turns: each applies what is still pending when its turn comes.
     """
     from peewee_migrate import Router
 
     database = database or db.obj
     assert database is not None, "open_database() first"
     router = Router(database, migrate_dir=str(MIGRATIONS_DIR), logger=logger)
-    with database.connection_context():
-        if isinstance(database, pw.PostgresqlDatabase):
-            database.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    with database.connection_context(), _migration_lock(database):
+        todo = router.diff
+        if todo:
+            router.run()
+        return list(todo)
+
+
+@contextlib.contextmanager
+def _migration_lock(database: pw.Database) -> Iterator[None]:
+    """Hold the lock that serialises migrations, on an open connection.
+
+    PostgreSQL: an advisory lock. SQLite: an exclusive `flock` on the database file
+    itself. SQLite's own locks are `fcntl` record locks, which Linux keeps apart from
+    `flock`, so this one does not get in their way; it stops a second process from
+    applying a migration that is not idempotent (an `ADD COLUMN`) a second time.
+    """
+    if isinstance(database, pw.PostgresqlDatabase):
+        database.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
-            todo = router.diff
-            if todo:
-                router.run()
-            return list(todo)
+            yield
         finally:
-            if isinstance(database, pw.PostgresqlDatabase):
-                database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+            database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        return
+    path = database.database if isinstance(database, pw.SqliteDatabase) else ":memory:"
+    if path == ":memory:" or not os.path.exists(path):
+        yield  # nobody else can see this database
+        return
+    import fcntl
+
+    with open(path, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 @contextlib.contextmanager
@@ -427,3 +466,32 @@ def ping() -> None:
     """
     with db.connection_context():
         db.execute_sql("SELECT 1").fetchone()
+
+
+# Name under which `supervisor.py all` keeps the API key it generates when
+# HERALD_API_KEYS is unset.
+EMBEDDED_API_KEY_NAME = "api_key"
+
+
+def instance_secret(name: str, generate: Callable[[], str]) -> tuple[str, bool]:
+    """The secret stored under `name`, generating and storing one first if there is none;
+    returns it and whether this call stored it.
+
+    Several processes may start at once against a fresh database: each inserts its own
+    value only if the name is absent, the database keeps exactly one, and every process
+    then reads back and uses that one, so none of them goes on with a key the others
+    would refuse.
+
+    Parameters:
+      name: which secret, e.g. `EMBEDDED_API_KEY_NAME`.
+      generate: makes a new value; called only when none is stored yet.
+    """
+    with db.connection_context():
+        found = InstanceSecret.get_or_none(InstanceSecret.name == name)
+        if found is not None:
+            return str(found.value), False
+        mine = generate()
+        (InstanceSecret.insert(name=name, value=mine, created_at=time.time())
+         .on_conflict_ignore().execute())
+        stored = str(InstanceSecret.get_by_id(name).value)
+        return stored, stored == mine

@@ -2,7 +2,8 @@
 
 - `all` (default): HTTP ingest API, Dramatiq consumers and the actor tree in one
   process. With no configuration: SQLite `herald.db`, an in-process broker, emails
-  written to `outbox/`, pushes logged (dry run).
+  written to `outbox/`, pushes logged (dry run), and an API key generated on the first
+  start and kept in the database for every later one.
 - `web`: the ingest API only; publishes to RabbitMQ (`BROKER_URL` required).
 - `worker`: consumers and actors only (`BROKER_URL` required).
 - `migrate`: apply database migrations and exit.
@@ -24,6 +25,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,6 +41,10 @@ EXIT_GAVE_UP = 70
 EXIT_UNAVAILABLE = 75
 # How long a draining worker waits for messages in hand (milliseconds).
 DRAIN_TIMEOUT_MS = 60_000
+# Connections the API's socket queues before it accepts them (uvicorn's default).
+API_BACKLOG = 2048
+# Random bytes in the API key `all` generates without HERALD_API_KEYS (32 characters).
+EMBEDDED_KEY_BYTES = 24
 
 logger = logging.getLogger("herald")
 
@@ -108,6 +114,8 @@ class Process:
         self.exit_code = 0
         self.stopping = threading.Event()
         self.server: Any = None
+        # The API's socket (`all`, `web`), bound before any thread starts.
+        self.listener: socket.socket | None = None
         self.tree: Any = None
         self.worker: Any = None
 
@@ -128,18 +136,28 @@ class Process:
         from intake.broker import make_broker
         from intake.broker import ping as broker_ping
         from intake.consumers import Consumers
+        from intake.memory import InMemoryBroker, requeue_kept
 
         s = self.settings
         models.open_database(s.DATABASE_URL)
         applied = models.migrate()
         if applied:
             logger.info("applied migrations: %s", ", ".join(applied))
+        if self.mode == "all" and not s.api_keys:
+            # After the migrations, which create the table the key is kept in; before
+            # anything reads `api_keys` or signs an unsubscribe link with it.
+            s = self.settings = _with_embedded_api_key(s)
         broker = make_broker(s)
         consumers = Consumers(broker, s.PUSH_SHARDS)
+        if isinstance(broker, InMemoryBroker):
+            requeue_kept(broker)  # what the last stop kept, before anything new
         # Before any thread starts: a port that is taken must stop the process here,
-        # not leave it running without its metrics (or hung by its actors' threads).
+        # not leave it running without its metrics (or hung by its actors' threads),
+        # nor start consuming only to stop again because the API cannot listen.
         if s.METRICS_PORT:
             _serve_metrics(s.METRICS_PORT, s.HOST)
+        if self.mode in ("all", "web"):
+            self.listener = _listen(s.HOST, s.PORT)
 
         if self.mode in ("all", "worker"):
             from actors.tree import ActorTree
@@ -190,7 +208,8 @@ class Process:
         self.server = uvicorn.Server(config)
         if self.stopping.is_set():
             return
-        self.server.run()
+        assert self.listener is not None
+        self.server.run(sockets=[self.listener])
 
     def _drain(self, broker: Any) -> None:
         logger.info("draining")
@@ -199,15 +218,65 @@ class Process:
             self.worker.stop(timeout=DRAIN_TIMEOUT_MS)
         if self.tree is not None:
             self.tree.stop()
+        from intake.memory import InMemoryBroker, keep
+
+        if isinstance(broker, InMemoryBroker):
+            try:
+                keep(broker)  # the in-process queue would die with the process
+            except Exception:
+                logger.exception("could not keep the queue messages still in memory: "
+                                 "they are lost")
         broker.close()
+        if self.listener is not None:
+            self.listener.close()  # uvicorn closes it too, unless it never ran
         logger.info("stopped")
 
 
-def _print_key_hint(settings: Any) -> None:
+def _with_embedded_api_key(settings: Any) -> Any:
+    """`settings` with the API key this database keeps, generated and stored on the
+    first start without HERALD_API_KEYS; prints it with lines to try it.
+
+    The key must outlive the process: the operator has configured it in their chat
+    server, and unless HERALD_SECRET_KEY is set, unsubscribe links in emails already
+    sent are signed with a key derived from it.
+
+    Parameters:
+      settings: the validated configuration, without API keys; its database is open
+        and migrated.
+    """
+    import models
+    from settings import load_settings
+
+    key, created = models.instance_secret(
+        models.EMBEDDED_API_KEY_NAME, lambda: secrets.token_urlsafe(EMBEDDED_KEY_BYTES))
+    # Through the environment, as if the operator had set it: anything that loads the
+    # settings again in this process sees the same key.
+    os.environ["HERALD_API_KEYS"] = key
+    settings = load_settings()
+    logger.info("API key: %s the database (HERALD_API_KEYS is unset)",
+                "generated and stored in" if created else "read from")
+    _print_key_hint(settings, created)
+    return settings
+
+
+def _print_key_hint(settings: Any, created: bool) -> None:
+    """Print the API key and two `curl` lines to try it (on stdout, for the operator).
+
+    Parameters:
+      settings: the configuration, whose first API key is the one printed.
+      created: whether the key was generated by this start (else it was kept from an
+        earlier one).
+    """
+    import models
+
     key = settings.api_keys[0]
     base = f"http://{settings.HOST}:{settings.PORT}"
+    origin = "generated for this database and stored in it" if created else "stored in the database"
+    table = models.InstanceSecret._meta.table_name
     print(
         f"herald: API key: {key}\n"
+        f"herald: {origin} (table {table}): every start uses it until you set "
+        f"HERALD_API_KEYS\n"
         f"herald: try it:\n"
         f"  curl -s -X PUT {base}/v1/users/7 -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' "
@@ -335,6 +404,19 @@ def _serve_metrics(port: int, host: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound now; ConfigError if the address is taken."""
+    from settings import ConfigError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=API_BACKLOG)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"PORT: cannot listen on {host}:{port}: {reason}") from None
+
+
 def _check_push_providers(settings: Any) -> None:
     """Raise ConfigError when a push provider's key, certificate or credentials cannot
     be used: the process that would send with them must not start."""
@@ -364,8 +446,6 @@ def _pin_to(cpus: frozenset[int]) -> None:
 
 
 def _start(settings: Any, mode: str, args: argparse.Namespace) -> int:
-    from settings import load_settings
-
     if mode == "migrate":
         import models
 
@@ -375,11 +455,6 @@ def _start(settings: Any, mode: str, args: argparse.Namespace) -> int:
         return 0
     if mode == "dead-letters":
         return _dead_letters(settings, args)
-    if mode == "all" and not settings.api_keys:
-        key = secrets.token_urlsafe(24)
-        os.environ["HERALD_API_KEYS"] = key
-        settings = load_settings()
-        _print_key_hint(settings)
     return Process(settings, mode).run()
 
 

@@ -17,7 +17,8 @@ not wait out the claim's lease. When a group fails, each of its actors gets
 `ClaimFailed`: if the database was out of reach, the actor hands its request back
 (`again`) after a backoff; otherwise it crashes, and its supervisor restarts it, which
 re-reads its state from the database. A settle whose actor has stopped meanwhile (a
-draining worker) is asked again by the claimer itself.
+draining worker) is asked again by the claimer itself, and a claim whose emails never
+started (the worker stopped first) is handed back (`release`).
 
 Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 """
@@ -102,11 +103,18 @@ class _Settle:
     reply_to: pykka.ActorRef[Any] | None
 
 
+@dataclass(frozen=True)
+class _Release:
+    claim_id: str
+
+
 # A claim or a settle, as `claim` and `settle` return it.
 Request = _Claim | _Settle
+# Everything the claimer's thread serves.
+_Work = _Claim | _Settle | _Release
 
 
-class BatchClaimer(GroupThread["_Claim | _Settle"]):
+class BatchClaimer(GroupThread[_Work]):
     """Serves flush claims and settles for many users at once, on one thread.
 
     Parameters:
@@ -137,14 +145,20 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         self.put(request)
         return request
 
-    def settle(self, settlement: store.Settlement, reply_to: pykka.ActorRef[Any]) -> Request:
+    def settle(self, settlement: store.Settlement,
+               reply_to: pykka.ActorRef[Any] | None) -> Request:
         """Record how the claim's flush ended (`_batch_store.settle`); `reply_to` is
         told `Settled` with the user's next wake-up (any thread), or, if it has
-        stopped, the claimer sees the settle through itself. Returns the request, for
-        `again`."""
+        stopped or is None (its actor let go of the flush), the claimer sees the
+        settle through itself. Returns the request, for `again`."""
         request = _Settle(settlement, reply_to)
         self.put(request)
         return request
+
+    def release(self, claim_id: str) -> None:
+        """Hand the claim's rows back, pending again: its flush will not send them
+        (any thread). If the database refuses, they wait out the lease."""
+        self.put(_Release(claim_id))
 
     def again(self, request: Request) -> None:
         """Serve a request that failed once more (any thread)."""
@@ -171,10 +185,11 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
 
     # The claimer thread -----------------------------------------------------------------
 
-    def serve(self, group: list[_Claim | _Settle]) -> list[_Claim | _Settle]:
+    def serve(self, group: list[_Work]) -> list[_Work]:
         settles = [r for r in group if isinstance(r, _Settle)]
+        releases = [r.claim_id for r in group if isinstance(r, _Release)]
         claims: dict[int, _Claim] = {}
-        later: list[_Claim | _Settle] = []
+        later: list[_Work] = []
         for request in group:
             if isinstance(request, _Claim):
                 if request.user_id in claims:
@@ -183,6 +198,8 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
                     claims[request.user_id] = request
         if settles:
             later.extend(self._settle(settles))
+        if releases:
+            self._release(releases)
         if claims:
             self._claim(list(claims.values()))
         return later
@@ -206,6 +223,13 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
         for request in requests:
             _tell(request.reply_to, Settled(wakeups.get(request.settlement.user_id)))
         return []
+
+    def _release(self, claim_ids: list[str]) -> None:
+        try:
+            in_thread_connection(store.release, claim_ids)
+        except Exception:
+            logger.exception("could not hand back %d email claims; their rows wait out "
+                             "the lease", len(claim_ids))
 
     def _ask_again(self, orphans: list[_Settle]) -> list[_Settle]:
         with self._waiting_lock:  # `stop` either sees them waiting or is seen here
@@ -251,10 +275,7 @@ class BatchClaimer(GroupThread["_Claim | _Settle"]):
             if batch is not None:
                 # Its actor is gone: hand the rows back rather than let them wait out
                 # the lease; the user's next actor (or the router's sweep) takes them.
-                try:
-                    in_thread_connection(store.release, batch.claim_id)
-                except Exception:
-                    logger.exception("could not release claim %s", batch.claim_id)
+                self._release([batch.claim_id])
 
 
 def _tell(ref: pykka.ActorRef[Any] | None, message: Any) -> bool:

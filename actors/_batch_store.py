@@ -391,12 +391,12 @@ def _settle_partly(settlement: Settlement, policy: RetryPolicy) -> None:
         Row.delete().where(Row.id.in_([r.id for r in rows])).execute()
 
 
-def release(claim_id: str) -> None:
-    """Hand a claim's rows back, pending again (its flush will not happen)."""
-    p = sql.param()
+def release(claim_ids: Sequence[str]) -> None:
+    """Hand claims' rows back, pending again (their flushes will not happen)."""
     sql.execute(
-        f"UPDATE {_ROW} SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = {p}",
-        [claim_id],
+        f"UPDATE {_ROW} SET claimed_by = NULL, claimed_until = NULL "
+        f"WHERE {sql.any_of('claimed_by')}",
+        [sql.texts(claim_ids)],
     )
 
 

@@ -2,17 +2,23 @@
 
 SMTP is slow and blocking; a UserBatchActor must never hold a pool thread through
 an SMTP conversation, so it hands its emails to `MailDispatcher`, whose own threads
-each keep one SMTP connection (or write to the outbox), and hears back by message.
+each keep one SMTP connection (or write to the outbox), and hears back through the
+`Delivery` it handed over with them.
+
+When the worker stops, emails whose sending has not begun never start, and those
+being sent are waited for, for a bounded time: each `Delivery` is told which it was.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message as MimeMessage
+from typing import Protocol
 
 from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError
 from delivery.smtp import Mailer, OutboxMailer, SmtpMailer
@@ -22,6 +28,10 @@ logger = logging.getLogger("herald.email")
 
 # Threads (and so SMTP connections) sending emails at once, per process.
 MAIL_THREADS = 8
+# How long a stopping dispatcher waits for the emails being sent (seconds): the bound a
+# draining worker gives the messages in hand (`supervisor.DRAIN_TIMEOUT_MS`) and the
+# actor tree its routers (`actors/tree.py`).
+SEND_DRAIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,24 @@ class SendOutcome:
     reason: str = ""
 
 
+class Delivery(Protocol):
+    """What the sender of some emails hears about them: `sent` or `not_sent`, once;
+    `still_sending` first when the stop stops waiting for them."""
+
+    def sent(self, outcomes: list[SendOutcome]) -> None:
+        """Every email was tried; `outcomes` in order (on the mail thread)."""
+
+    def not_sent(self) -> None:
+        """The dispatcher stopped before the first email went: none was tried (on the
+        thread that stops the dispatcher, or the one that handed the emails over)."""
+
+    def still_sending(self, waited: float) -> None:
+        """The dispatcher stopped waiting for these emails after `waited` seconds of
+        its stop (on the thread that stops it); `sent` may still follow."""
+
+
 class MailDispatcher:
-    """Sends emails on its own threads and reports back through a callback.
+    """Sends emails on its own threads and reports back through their `Delivery`.
 
     Parameters:
       settings: `SMTP_URL` (else the `OUTBOX_DIR` outbox) and the SMTP timeout.
@@ -54,6 +80,11 @@ class MailDispatcher:
         self._factory = mailer_factory or self._default_mailer
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(MAIL_THREADS, thread_name_prefix="herald-mail")
+        # Handed over and not finished yet, so that `shutdown` can tell each one how
+        # it ended; and whether `shutdown` has begun. Both under the lock.
+        self._lock = threading.Lock()
+        self._jobs: dict[Future[None], Delivery] = {}
+        self._stopping = False
 
     def _default_mailer(self) -> Mailer:
         target = self.settings.smtp
@@ -67,19 +98,27 @@ class MailDispatcher:
             mailer = self._local.mailer = self._factory()
         return mailer
 
-    def send(
-        self,
-        emails: list[tuple[list[int], MimeMessage]],
-        done: Callable[[list[SendOutcome]], None],
-    ) -> None:
-        """Send `emails` in order on a mail thread; then call `done` there with outcomes."""
-        self._pool.submit(self._send_all, emails, done)
+    def send(self, emails: list[tuple[list[int], MimeMessage]], delivery: Delivery) -> None:
+        """Send `emails` in order on a mail thread, then tell `delivery` (any thread).
 
-    def _send_all(
-        self,
-        emails: list[tuple[list[int], MimeMessage]],
-        done: Callable[[list[SendOutcome]], None],
-    ) -> None:
+        Once `shutdown` has begun nothing more starts: `delivery.not_sent()` is called
+        at once, on the calling thread.
+        """
+        with self._lock:
+            stopping = self._stopping
+            if not stopping:
+                job = self._pool.submit(self._send_all, emails, delivery)
+                self._jobs[job] = delivery
+        if stopping:
+            delivery.not_sent()
+            return
+        job.add_done_callback(self._forget)
+
+    def _forget(self, job: Future[None]) -> None:
+        with self._lock:
+            self._jobs.pop(job, None)
+
+    def _send_all(self, emails: list[tuple[list[int], MimeMessage]], delivery: Delivery) -> None:
         outcomes: list[SendOutcome] = []
         for ids, message in emails:
             try:
@@ -92,7 +131,33 @@ class MailDispatcher:
             except Exception as exc:  # an unexpected failure is retried, not lost
                 logger.exception("unexpected error sending an email")
                 outcomes.append(SendOutcome(ids, "transient", f"{type(exc).__name__}: {exc}"))
-        done(outcomes)
+        try:
+            delivery.sent(outcomes)
+        except Exception:  # raised here, it would only be kept in the job's future
+            logger.exception("reporting sent emails failed")
 
     def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait)
+        """Stop sending (called once, at shutdown, after the actors have stopped; on
+        the thread that stops the worker).
+
+        Emails not started yet never start: their deliveries are told `not_sent`.
+        With `wait`, those being sent are waited for, at most `SEND_DRAIN_SECONDS`; any
+        still being sent then are told `still_sending`, and left to finish on their
+        own threads.
+        """
+        with self._lock:
+            self._stopping = True
+            jobs = dict(self._jobs)
+        in_flight: list[Future[None]] = []
+        for job, delivery in jobs.items():
+            if job.cancel():
+                delivery.not_sent()
+            else:
+                in_flight.append(job)
+        if in_flight and wait:
+            logger.info("waiting up to %.0fs for %d email send(s) in flight",
+                        SEND_DRAIN_SECONDS, len(in_flight))
+            _, late = concurrent.futures.wait(in_flight, timeout=SEND_DRAIN_SECONDS)
+            for job in late:
+                jobs[job].still_sending(SEND_DRAIN_SECONDS)
+        self._pool.shutdown(wait=False)

@@ -63,6 +63,9 @@ DB_THREADS = 4
 DB_BATCH_MAX = 500
 # Seconds to wait for the event loop to start or finish.
 LOOP_WAIT_SECONDS = 10.0
+# How often the thread stopping a half-started engine looks whether its loop thread
+# ended without ever getting ready (seconds); readiness itself wakes it at once.
+HALF_STARTED_POLL_SECONDS = 0.5
 # How long the outcome of sends already made is tried again while the database is out
 # of reach (seconds), and the longest wait between tries: well inside the consumer's
 # hand-off timeout, after which the event would be retried and sent twice.
@@ -142,7 +145,32 @@ class PushEngine:
             raise RuntimeError("push engine did not start")
 
     def stop(self) -> None:
-        """Finish in-flight work (bounded), close the providers, end the loop."""
+        """Finish in-flight work (bounded), close the providers, end the loop.
+
+        An engine whose `start` timed out may still be setting up on its loop thread,
+        typically building its provider clients; its loop runs once that is done. It is
+        handed to a thread of its own that stops it once it is ready, so that the
+        caller (the actor, as it crashes) does not wait for a set-up that may never end.
+        """
+        # Read first: a loop that gets ready after this is one `_stop_loop` may miss.
+        was_ready = self._ready.is_set()
+        self._stop_loop()
+        thread = self._thread
+        if was_ready or thread is None or not thread.is_alive():
+            return
+        logger.warning("push shard %d: the engine that did not start is stopped once "
+                       "its loop is ready", self.shard)
+        threading.Thread(target=self._stop_when_ready, args=(thread,),
+                         name=f"herald-push{self.shard}-half-started", daemon=True).start()
+
+    def _stop_when_ready(self, thread: threading.Thread) -> None:
+        """Runs on a thread of its own, as long as a half-started engine's loop thread."""
+        while thread.is_alive():
+            if self._ready.wait(HALF_STARTED_POLL_SECONDS):
+                self._stop_loop()
+                return
+
+    def _stop_loop(self) -> None:
         loop = self._loop
         if loop is None or not loop.is_running():
             return
@@ -458,11 +486,14 @@ class PushEngine:
                 apns_payload=apns, gcm_payload=gcm, gcm_options={"priority": priority},
                 android_devices=android, apple_devices=apple,
             )
-        except TransientDeliveryError:
-            PUSHES.labels("bouncer", Outcome.TRANSIENT.value).inc()
-            raise
-        except PermanentDeliveryError:
-            PUSHES.labels("bouncer", Outcome.PERMANENT.value).inc()
+        except (TransientDeliveryError, PermanentDeliveryError) as exc:
+            outcome = Outcome.TRANSIENT if isinstance(exc, TransientDeliveryError) \
+                else Outcome.PERMANENT
+            PUSHES.labels("bouncer", outcome.value).inc()
+            if receipt_event == store.EVENT_MESSAGE:
+                # Else a remove of this message waits out PUSH_ON_ITS_WAY_SECONDS.
+                with contextlib.suppress(Exception):
+                    await self._run_db(store.push_not_on_its_way, plan.user_id, message_id)
             raise
         PUSH_LATENCY.labels("bouncer").observe(time.perf_counter() - started)
         PUSHES.labels("bouncer", Outcome.DELIVERED.value).inc()

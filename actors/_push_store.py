@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import peewee as pw
 
 from actors import _sql as sql
-from delivery.outcomes import Outcome, SendResult
+from delivery.outcomes import Outcome, SendResult, TransientDeliveryError
 from events import MessageEvent
 from intake import dead_letters
 from models import (
@@ -44,6 +44,10 @@ EVENT_MESSAGE = "message"
 EVENT_REMOVE = "remove"
 # A remove names at most this many message ids (the newest), as Zulip's apps expect.
 MAX_REMOVE_IDS = 200
+# How long after its plan a push may still be on its way to its devices: a little
+# longer than a consumer waits for its push (`HANDOFF_TIMEOUT_SECONDS`, 120 s) before
+# the event is retried, and so planned anew.
+PUSH_ON_ITS_WAY_SECONDS = 130.0
 
 _USER = sql.quoted(User)
 _MESSAGE = sql.quoted(Message)
@@ -74,6 +78,19 @@ class PushPlan:
 
 # One device's outcome of one push or remove: (user_id, message_id, event, device, result).
 Settled = tuple[int, int, str, Device, SendResult]
+
+
+class PushOnItsWay(TransientDeliveryError):
+    """A remove must wait: the push it removes is planned but not yet answered.
+
+    Within one process a user's work runs in line, so this happens when another
+    worker process took the push: the remove is retried (after the usual backoff)
+    rather than sent ahead of the push, which the device would then show for good.
+    """
+
+    def __init__(self, message_id: int) -> None:
+        super().__init__(f"the push of message {message_id} is still on its way; "
+                         "its remove waits for it")
 
 
 @dataclass(frozen=True)
@@ -158,11 +175,12 @@ def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
         )}
         live = [e for e in wanted
                 if not flags[(e.user_id, e.message.id)][1] and e.message.id not in deleted]
-        activate = {flags[(e.user_id, e.message.id)][0] for e in live
-                    if not flags[(e.user_id, e.message.id)][2]}
-        if activate:
-            sql.execute(f"UPDATE {_USER_MESSAGE} SET active_push = TRUE "
-                        f"WHERE {sql.any_of('id')}", [sql.ids(sorted(activate))])
+        if live:
+            p = sql.param()
+            sql.execute(f"UPDATE {_USER_MESSAGE} SET active_push = TRUE, push_planned_at = {p} "
+                        f"WHERE {sql.any_of('id')}",
+                        [now, sql.ids(sorted({flags[(e.user_id, e.message.id)][0]
+                                              for e in live}))])
     if not live:
         return [None] * len(events)
     p = sql.param()
@@ -194,7 +212,8 @@ def plan_pushes(events: Sequence[MessageEvent]) -> list[PushPlan | None]:
 # of waiting for a core; the step-by-step version takes ten, with BEGIN and COMMIT.
 # Same rules: the snapshot is kept (a `deleted` mark that came first stays), a flags
 # row per (user, message), the push marked active unless read or deleted, and
-# devices that already have a receipt skipped.
+# devices that already have a receipt skipped; `push_planned_at` stamped on every push
+# planned (a retry's too), for removes taken by other processes to wait on.
 _PLAN_PUSHES_PG = f"""
 WITH ev AS (
     SELECT DISTINCT ON (user_id, message_id) user_id, message_id, data
@@ -212,12 +231,13 @@ WITH ev AS (
     ON CONFLICT (id) DO UPDATE SET data = excluded.data
     RETURNING id, deleted
 ), flags AS (
-    INSERT INTO {_USER_MESSAGE} AS um (user_id, message_id, read, active_push)
-    SELECT ev.user_id, ev.message_id, FALSE, NOT snapshot.deleted
+    INSERT INTO {_USER_MESSAGE} AS um (user_id, message_id, read, active_push, push_planned_at)
+    SELECT ev.user_id, ev.message_id, FALSE, NOT snapshot.deleted, %(now)s
     FROM ev JOIN snapshot ON snapshot.id = ev.message_id
     WHERE ev.user_id IN (SELECT id FROM eligible)
     ORDER BY ev.user_id, ev.message_id
-    ON CONFLICT (user_id, message_id) DO UPDATE SET active_push = TRUE
+    ON CONFLICT (user_id, message_id) DO UPDATE SET active_push = TRUE,
+        push_planned_at = excluded.push_planned_at
         WHERE NOT um.read AND excluded.active_push
     RETURNING user_id, message_id, active_push
 )
@@ -257,7 +277,12 @@ def _plan_pushes_in_one_statement(events: Sequence[MessageEvent]) -> list[PushPl
 
 
 def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> RemovePlan | None:
-    """Mark the messages read (for `read`), and plan a remove for those with a push out."""
+    """Mark the messages read (for `read`), and plan a remove for those with a push out.
+
+    Raises `PushOnItsWay` (after the read marks are committed, so no later plan pushes
+    these messages) when a push it would remove was planned, possibly by another
+    process, and a device it went to has not answered it yet.
+    """
     with db.atomic():
         if mark_read:
             rows = [{"user_id": user_id, "message_id": m, "read": True} for m in message_ids]
@@ -266,20 +291,19 @@ def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> Remove
                     conflict_target=[UserMessage.user_id, UserMessage.message_id],
                     update={UserMessage.read: True},
                 ).execute()
-        active = sorted(
-            um.message_id
-            for um in UserMessage.select(UserMessage.message_id).where(
+        planned: dict[int, float | None] = dict(
+            UserMessage.select(UserMessage.message_id, UserMessage.push_planned_at).where(
                 (UserMessage.user_id == user_id)
                 & (UserMessage.message_id.in_(message_ids))
                 & (UserMessage.active_push == True)  # noqa: E712 - peewee expression
-            )
+            ).tuples()  # type: ignore[arg-type]  # rows of (message_id, push_planned_at)
         )
-    if not active:
+    if not planned:
         return None
     user = User.get_or_none(User.id == user_id)
     if user is None:
         return None
-    newest = active[-MAX_REMOVE_IDS:]
+    newest = sorted(planned)[-MAX_REMOVE_IDS:]
     done = {
         r.device_id
         for r in PushReceipt.select(PushReceipt.device_id).where(
@@ -288,15 +312,51 @@ def plan_remove(user_id: int, message_ids: list[int], mark_read: bool) -> Remove
             & (PushReceipt.event == EVENT_REMOVE)
         )
     }
-    devices = [Device(d.id, d.kind, d.token, d.ios_app_id)
-               for d in PushDevice.select().where(PushDevice.user_id == user_id)
+    devices = [d for d in PushDevice.select().where(PushDevice.user_id == user_id)
+               .order_by(PushDevice.id)
                if d.id not in done]
-    return RemovePlan(user.id, user.uuid, recipient_of(user), devices, newest)
+    _refuse_while_pushes_on_their_way(user_id, {m: planned[m] for m in newest}, devices)
+    return RemovePlan(user.id, user.uuid, recipient_of(user),
+                      [Device(d.id, d.kind, d.token, d.ios_app_id) for d in devices], newest)
+
+
+def _refuse_while_pushes_on_their_way(user_id: int, planned: dict[int, float | None],
+                                  devices: list[PushDevice]) -> None:
+    """Raise `PushOnItsWay` if a push planned lately still lacks a device's answer.
+
+    A device's answer is its receipt (accepted, or refused for good); a transient
+    failure clears `push_planned_at` when it is recorded, and an invalid device is
+    deleted. A device added after the plan was not sent the push, so it is not waited
+    for; nor is a plan older than `PUSH_ON_ITS_WAY_SECONDS`.
+    """
+    since = time.time() - PUSH_ON_ITS_WAY_SECONDS
+    recent = {m: at for m, at in planned.items() if at is not None and at > since}
+    if not recent or not devices:
+        return
+    answered = set(
+        PushReceipt.select(PushReceipt.message_id, PushReceipt.device_id).where(
+            (PushReceipt.user_id == user_id)
+            & (PushReceipt.message_id.in_(sorted(recent)))
+            & (PushReceipt.event == EVENT_MESSAGE)
+        ).tuples()
+    )
+    for message_id, at in sorted(recent.items()):
+        for device in devices:
+            if device.created_at <= at and (message_id, device.id) not in answered:
+                raise PushOnItsWay(message_id)
 
 
 def clear_active(user_id: int, message_ids: list[int]) -> None:
     UserMessage.update(active_push=False).where(
         (UserMessage.user_id == user_id) & (UserMessage.message_id.in_(message_ids))
+    ).execute()
+
+
+def push_not_on_its_way(user_id: int, message_id: int) -> None:
+    """The push's attempt is over without receipts (its provider failed as a whole):
+    a remove need not wait for it."""
+    UserMessage.update(push_planned_at=None).where(
+        (UserMessage.user_id == user_id) & (UserMessage.message_id == message_id)
     ).execute()
 
 
@@ -321,11 +381,13 @@ def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int
 
 def record_results(settled: Sequence[Settled]) -> None:
     """Receipts for accepted sends, dead devices deleted, permanent failures
-    dead-lettered: for many pushes' outcomes at once, in one transaction."""
+    dead-lettered, and pushes that failed for now no longer on their way (a remove
+    need not wait for them): for many pushes' outcomes at once, in one transaction."""
     now = time.time()
     receipts = []
     dead_devices = set()
     failures = []
+    failed_for_now = set()
     for user_id, message_id, event, device, result in settled:
         # A permanent failure is settled too: its dead letter is written below, and a
         # retry of the event (for another device's transient failure) must not send to
@@ -337,7 +399,9 @@ def record_results(settled: Sequence[Settled]) -> None:
             dead_devices.add(device.id)
         if result.outcome is Outcome.PERMANENT:
             failures.append((user_id, message_id, event, device, result))
-    if not dead_devices and not failures:
+        if result.outcome is Outcome.TRANSIENT and event == EVENT_MESSAGE:
+            failed_for_now.add((user_id, message_id))
+    if not dead_devices and not failures and not failed_for_now:
         # Receipts alone need no transaction (each insert is idempotent), and without
         # BEGIN and COMMIT the usual case is one round trip.
         _insert_receipts(receipts)
@@ -347,6 +411,8 @@ def record_results(settled: Sequence[Settled]) -> None:
         if dead_devices:
             sql.execute(f"DELETE FROM {_DEVICE} WHERE {sql.any_of('id')}",
                         [sql.ids(sorted(dead_devices))])
+        for user_id, message_id in sorted(failed_for_now):
+            push_not_on_its_way(user_id, message_id)
         for user_id, message_id, event, device, result in failures:
             dead_letters.record(
                 kind=dead_letters.KIND_PUSH_DEVICE,

@@ -7,7 +7,10 @@ BatchRouter whose timers to arm. Everything else about one user's batch happens 
 that user's UserBatchActor. The actor's timer fires at the deadline (a shared
 `TimerWheel`, not a poll); at flush it has the `BatchClaimer` claim the due rows
 (together with every other user's flush of the moment), renders, hands the emails to
-the `MailDispatcher`, and has the claimer delete the rows once they are sent.
+the `MailDispatcher`, and has the claimer delete the rows once they are sent. The
+emails travel with a `_Delivery`, which brings what they came to back to the actor,
+or to the claimer once the actor has stopped (a draining worker), so a sent email's
+rows are deleted rather than sent again when their claim's lease ends.
 
 UserBatchActors are `PooledActor`s: 100,000 of them share a few threads. The
 BatchRouter (its own thread) creates them on demand, supervises them, and retires
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -57,6 +61,10 @@ _RENDERING_DIR = PurePath(render_digest.__code__.co_filename).parent
 # Innermost stack frames logged for a rendering failure; enough to find the fault,
 # while a deep recursion still logs a few lines rather than a thousand.
 RENDER_FAILURE_STACK_FRAMES = 20
+# How long a stopping BatchRouter waits for its UserBatchActors to stop (seconds). They
+# only let go of their flushes, so this is the actor pool's backlog; the root waits 60 s
+# for both routers together, and the ShardRouter up to 30 s per push shard.
+CHILDREN_STOP_SECONDS = 10.0
 
 
 # Messages ------------------------------------------------------------------------------
@@ -89,9 +97,9 @@ class _Retry:
 
 @dataclass(frozen=True)
 class _Sent:
-    claim_id: str
-    deadline: float
-    outcomes: list[SendOutcome]
+    """From the flush's `_Delivery`: what its emails came to is there to take."""
+
+    delivery: _Delivery
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,95 @@ class BatchContext:
     claimer: BatchClaimer
 
 
+# A flush's emails on their way ----------------------------------------------------------
+
+
+class _Delivery:
+    """One flush's emails with the `MailDispatcher` (`actors._mail.Delivery`), and the
+    way back of what they came to.
+
+    Parameters:
+      claim_id: the flush's claim.
+      user_id: whose emails.
+      deadline: when the flush was due (for the lateness metric).
+      unrendered: the outcomes of the conversations that could not be rendered.
+      actor: the UserBatchActor that flushed; told `_Sent`.
+      claimer: settles, or hands back, the claim once the actor has let go.
+
+    The outcomes go to the actor as `_Sent`, and it has them settled. An actor that
+    stops (a draining worker stops them all at once) or crashes lets go of its delivery
+    first (`let_go`, on the actor's thread): Pykka drops what is left in a stopped
+    actor's inbox, so outcomes told but not handled yet, and outcomes that come later,
+    are settled by the claimer without the actor. A lock orders the mail thread's
+    `sent` and the actor's `let_go`, so the claim is settled once whichever comes first,
+    and a sent email's rows do not stay claimed, to go out again when the lease ends.
+    `not_sent` and `still_sending` run on the thread that stops the dispatcher.
+    """
+
+    def __init__(self, claim_id: str, user_id: int, deadline: float,
+                 unrendered: list[SendOutcome], actor: pykka.ActorRef[Any],
+                 claimer: BatchClaimer) -> None:
+        self.claim_id = claim_id
+        self.user_id = user_id
+        self.deadline = deadline
+        self._unrendered = unrendered
+        self._actor = actor
+        self._claimer = claimer
+        self._lock = threading.Lock()
+        # Told to the actor and not taken by it yet.
+        self._outcomes: list[SendOutcome] | None = None
+        # Set once the actor has let go: whatever comes is settled here.
+        self._let_go = False
+
+    def sent(self, outcomes: list[SendOutcome]) -> None:
+        """Every email was tried (mail thread)."""
+        outcomes = self._unrendered + outcomes
+        with self._lock:
+            if not self._let_go:
+                self._outcomes = outcomes
+                try:
+                    self._actor.tell(_Sent(self))
+                    return
+                except pykka.ActorDeadError:
+                    # A crashing actor is dead before it lets go: nobody else settles.
+                    self._outcomes = None
+                    self._let_go = True
+        self._settle(outcomes)
+
+    def not_sent(self) -> None:
+        """The worker stopped before the first email went: hand the rows back for
+        the next worker, as a claim answered after its actor stopped is."""
+        self._claimer.release(self.claim_id)
+
+    def still_sending(self, waited: float) -> None:
+        """The stopping worker waits no longer for these emails."""
+        logger.warning("email for user %s: still being sent %.0fs after the worker began "
+                       "to stop, and not waited for any longer; if it goes out, it is not "
+                       "recorded, and its rows go out again when their claim's lease ends "
+                       "(%.0fs after the claim)", self.user_id, waited,
+                       store.CLAIM_LEASE_SECONDS)
+
+    def take(self) -> list[SendOutcome] | None:
+        """The outcomes told in `_Sent` (the actor's thread); None once let go."""
+        with self._lock:
+            outcomes, self._outcomes = self._outcomes, None
+        return outcomes
+
+    def let_go(self) -> None:
+        """The actor is stopping or crashing (its thread): settle what it was told but
+        will not handle, and have what comes later settled likewise."""
+        with self._lock:
+            self._let_go = True
+            outcomes, self._outcomes = self._outcomes, None
+        if outcomes is not None:
+            self._settle(outcomes)
+
+    def _settle(self, outcomes: list[SendOutcome]) -> None:
+        _count_sent(outcomes, self.deadline)
+        # No actor to answer: the claimer sees the settle through by itself.
+        self._claimer.settle(_settlement(self.claim_id, self.user_id, outcomes), None)
+
+
 class UserBatchActor(SupervisedMixin, PooledActor):
     """Owns one user's email batch.
 
@@ -158,7 +255,9 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     Runs on the shared actor pool; timer callbacks run on the timer thread and only
     `tell`; claims run on the claimer's thread and SMTP on the mail dispatcher's
     threads, which `tell` their answers. A flush is a chain of messages (`Claimed`,
-    `_Sent`, `Settled`), so no pool thread waits on the database or SMTP.
+    `_Sent`, `Settled`), so no pool thread waits on the database or SMTP. An actor
+    stopped while its emails are out lets go of their `_Delivery`, and the claimer
+    settles them.
     """
 
     def __init__(self, user_id: int, context: BatchContext, router: pykka.ActorRef[Any]) -> None:
@@ -183,6 +282,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
         self._db_failures = 0
         # Set while that request waits to be asked again.
         self._retry_timer: TimerHandle | None = None
+        # The flush's emails, from their hand-over to the mail dispatcher until `_Sent`.
+        self._delivery: _Delivery | None = None
 
     # Pykka hooks (pool thread) ---------------------------------------------------------
 
@@ -202,7 +303,7 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             self._db_failures = 0
             self._claimed(message)
         elif isinstance(message, _Sent):
-            self._sent(message)
+            self._sent(message.delivery)
         elif isinstance(message, Settled):
             self._db_failures = 0
             self._request = None
@@ -218,10 +319,12 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     def on_stop(self) -> None:
         self._cancel_timer()
         self._hand_over_retry()
+        self._let_go_of_delivery()
 
     def on_crash(self) -> None:
         self._cancel_timer()
         self._hand_over_retry()
+        self._let_go_of_delivery()
 
     def _hand_over_retry(self) -> None:
         # A settle waiting to be asked again would die with this actor, and its sent
@@ -230,6 +333,13 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             self._retry_timer.cancel()
             self._retry_timer = None
             self.ctx.claimer.hand_over(self._request)
+
+    def _let_go_of_delivery(self) -> None:
+        # A `_Sent` still in the inbox dies with this actor, and one told later cannot
+        # reach it: the delivery has the claimer settle either.
+        if self._delivery is not None:
+            self._delivery.let_go()
+            self._delivery = None
 
     # Timer ---------------------------------------------------------------------------
 
@@ -275,24 +385,14 @@ class UserBatchActor(SupervisedMixin, PooledActor):
             self._settle(store.Settlement(batch.claim_id, self.user_id, None))
             return
         emails, unrendered = self._render(user, batch)
-        claim_id, deadline, me = batch.claim_id, self._flush_started, self.actor_ref
-        user_id, claimer = self.user_id, self.ctx.claimer
         if not emails:
             # Nothing to send: settle the unrendered conversations as if SMTP had
             # refused them, without a round trip through the mail threads.
-            self._sent(_Sent(claim_id, deadline, unrendered))
+            self._settle_outcomes(batch.claim_id, self._flush_started, unrendered)
             return
-
-        def done(outcomes: list[SendOutcome]) -> None:
-            outcomes = unrendered + outcomes
-            try:
-                me.tell(_Sent(claim_id, deadline, outcomes))
-            except pykka.ActorDeadError:
-                # Stopped (a draining worker) or crashed mid-send: settle the claim
-                # anyway, or the sent rows would wait out the lease and go out again.
-                claimer.settle(_settlement(claim_id, user_id, outcomes), me)
-
-        self.ctx.mail.send(emails, done)
+        self._delivery = _Delivery(batch.claim_id, self.user_id, self._flush_started,
+                                   unrendered, self.actor_ref, self.ctx.claimer)
+        self.ctx.mail.send(emails, self._delivery)
 
     def _render(
         self, user: store.BatchUser, batch: store.Batch
@@ -347,12 +447,16 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                      where, "".join(traceback.format_list(frames)).rstrip())
         return reason
 
-    def _sent(self, message: _Sent) -> None:
-        sent = sum(1 for o in message.outcomes if o.status == "sent")
-        if sent:
-            EMAILS_SENT.inc(sent)
-            EMAIL_SEND_LATENESS.observe(max(0.0, time.time() - message.deadline))
-        self._settle(_settlement(message.claim_id, self.user_id, message.outcomes))
+    def _sent(self, delivery: _Delivery) -> None:
+        self._delivery = None
+        outcomes = delivery.take()
+        if outcomes is not None:  # None only once let go, and this actor is then gone
+            self._settle_outcomes(delivery.claim_id, delivery.deadline, outcomes)
+
+    def _settle_outcomes(self, claim_id: str, deadline: float,
+                         outcomes: list[SendOutcome]) -> None:
+        _count_sent(outcomes, deadline)
+        self._settle(_settlement(claim_id, self.user_id, outcomes))
 
     def _settle(self, settlement: store.Settlement) -> None:
         self._request = self.ctx.claimer.settle(settlement, self.actor_ref)
@@ -503,15 +607,27 @@ class BatchRouter(SupervisorMixin, SupervisedMixin, pykka.ThreadingActor):
         )
 
     def _stop_children(self) -> None:
+        """Stop every UserBatchActor, and wait (at most `CHILDREN_STOP_SECONDS`) until
+        they have: each lets go of its emails in flight as it stops, and the claimer,
+        which the tree stops after the mail dispatcher, settles what they came to.
+        Runs on the router's thread."""
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
-        for ref, _count in list(self._children.values()):
-            try:
-                ref.stop(block=False)
-            except pykka.ActorDeadError:
-                pass
+        stops = [ref.stop(block=False) for ref, _count in self._children.values()]
         self._children.clear()
         PENDING_EMAIL_USERS.set(0)
+        deadline = time.monotonic() + CHILDREN_STOP_SECONDS
+        late = 0
+        for stop in stops:
+            try:
+                stop.get(timeout=max(0.0, deadline - time.monotonic()))
+            except pykka.Timeout:
+                late += 1
+        if late:
+            logger.warning("%d of %d UserBatchActors had not stopped %.0fs after their "
+                           "router: emails they are sending may not be recorded, and go "
+                           "out again when their claims' leases end", late, len(stops),
+                           CHILDREN_STOP_SECONDS)
 
     # Supervision -----------------------------------------------------------------------
 
@@ -572,6 +688,14 @@ def _frame_name(frame: traceback.FrameSummary) -> str:
     path = PurePath(frame.filename)
     short = "/".join(path.parts[-RENDER_FAILURE_PATH_PARTS:])
     return f"{frame.name} ({short}:{frame.lineno})"
+
+
+def _count_sent(outcomes: list[SendOutcome], deadline: float) -> None:
+    """Count a flush's sent emails, and how late after its deadline they went."""
+    sent = sum(1 for o in outcomes if o.status == "sent")
+    if sent:
+        EMAILS_SENT.inc(sent)
+        EMAIL_SEND_LATENESS.observe(max(0.0, time.time() - deadline))
 
 
 def _settlement(claim_id: str, user_id: int,

@@ -5,7 +5,8 @@ second thread), in mailbox order; the engine keeps each user's work in the order
 consumer threads took it, while sends for different users overlap. The consumer
 threads also reach the engine directly (`PushEngine.admit`), to take their places in
 line and plan; the actor owns the engine's life: it starts it, and stops it when it
-stops or crashes.
+stops or crashes. A start that fails (the engine's loop not ready in time) is a crash
+like any other: the ShardRouter restarts the shard with a new engine.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
         self.engine = engine
 
     def on_start(self) -> None:
+        """Runs on the actor's thread before its first message: start the engine.
+
+        If the engine does not start, this raises, and `SupervisedMixin` reports it to
+        the ShardRouter as a crash (`on_crash` then runs, on this thread).
+        """
         self.engine.start()
 
     def on_receive(self, message: Any) -> Any:
@@ -57,6 +63,7 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
         self.engine.stop()
 
     def on_crash(self) -> None:
+        """Runs on the actor's thread as it dies, of a message or of its start."""
         self.engine.stop()
         # Pykka drops told messages left in a dead actor's mailbox, and the consumers
         # waiting on their replies would hang: fail those replies as transient (the

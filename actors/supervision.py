@@ -1,24 +1,27 @@
 """Supervision for Pykka actors, which have none of their own.
 
 A supervised child reports its crash to its supervisor from `on_failure` (which Pykka
-runs on the child's own thread just before it stops). The supervisor, on its own
-thread, restarts the child from durable state after a backoff, within a restart
-budget: at most `max_restarts` restarts in `period_seconds`, as Erlang's
-intensity/period. A supervisor past its budget fails itself, so its own supervisor
-restarts it and, with it, every child; the root past its budget gives up and the
-process exits non-zero for its process manager to restart.
+runs on the child's own thread just before it stops). A child whose `on_start` raises
+reports the same way: Pykka alone would only log it and stop the actor, and no
+supervisor would ever restart it. The supervisor, on its own thread, restarts the
+child from durable state after a backoff, within a restart budget: at most
+`max_restarts` restarts in `period_seconds`, as Erlang's intensity/period. A
+supervisor past its budget fails itself, so its own supervisor restarts it and, with
+it, every child; the root past its budget gives up and the process exits non-zero for
+its process manager to restart.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import pykka
 
@@ -91,14 +94,42 @@ class SupervisedMixin:
     supervision_key: Hashable = None
     actor_urn: str
 
+    def _actor_loop_setup(self) -> None:
+        """Pykka's start step, which both `pykka.ThreadingActor`'s loop and
+        `PooledActor`'s first slice call: runs `on_start` on the child's thread (a pool
+        thread for a pooled actor) before its first message.
+
+        Pykka logs an `on_start` that raises and stops the actor without calling
+        `on_failure`. Here a failed start ends as a message that raised does in
+        Pykka's receive loop: the actor is logged, unregistered and marked stopped (so
+        that senders get `ActorDeadError` from then on), then `on_failure` cleans up
+        and tells the supervisor, which restarts the child within its budget.
+        """
+        actor = cast("pykka.Actor", self)
+        try:
+            actor.on_start()
+        except Exception:
+            failure = sys.exc_info()
+            actor._handle_failure(*failure)
+            try:
+                actor.on_failure(*failure)
+            except Exception:
+                actor._handle_failure(*sys.exc_info())
+
     def on_failure(
         self,
         exception_type: type[BaseException] | None,
         exception_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Runs on the child's thread as it dies: tell the supervisor, then clean up."""
-        self.on_crash()
+        """Runs on the child's thread as it dies, of a message or of its start: clean
+        up, then tell the supervisor."""
+        try:
+            self.on_crash()
+        except Exception:
+            # A clean-up that fails must not keep the supervisor from hearing of the
+            # crash: the child would then never be restarted.
+            logger.exception("%s: clean-up after its crash failed", self.actor_urn)
         if self.supervisor_ref is not None:
             error = f"{exception_type.__name__ if exception_type else 'Error'}: {exception_value}"
             try:
@@ -109,7 +140,8 @@ class SupervisedMixin:
                 pass
 
     def on_crash(self) -> None:
-        """Release resources held by the crashed child (runs on its thread)."""
+        """Release resources held by the crashed child (runs on its thread). After a
+        failed start, only part of them may have been acquired."""
 
 
 class SupervisorMixin:

@@ -54,8 +54,9 @@ IN_PROGRESS = 0
 # process died, or the database went away before the answer could be stored), so the
 # next retry with that key takes it over. Longer than any request runs: each of its
 # database steps waits at most 30 s for a connection or a lock, and the publish
-# takes about a second. Were a request slower still, its events would be queued
-# twice, which the workers' idempotent steps absorb.
+# takes about a second (while RabbitMQ blocks publishing, until the connection's
+# blocked timeout, 10 s unless BROKER_URL says otherwise). Were a request slower
+# still, its events would be queued twice, which the workers' idempotent steps absorb.
 IN_PROGRESS_ABANDONED_SECONDS = 120
 
 

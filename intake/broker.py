@@ -6,12 +6,12 @@ import logging
 
 import dramatiq
 import pika.exceptions
-from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import ShutdownNotifications
 
 from intake.logs import redact_dramatiq_logs
+from intake.memory import InMemoryBroker
 from intake.middleware import IntakeMetrics, RetryWithBackoff
-from intake.rabbitmq import RabbitmqBroker
+from intake.rabbitmq import PublishBlocked, RabbitmqBroker
 from settings import Settings
 
 logger = logging.getLogger("herald.intake")
@@ -23,8 +23,12 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     RabbitMQ: durable queues, persistent messages, publisher confirms (an enqueue
     returns only once RabbitMQ has the message on disk), per-queue dead-letter
     queues (`<queue>.XQ`) and acks sent in groups under load (`intake.rabbitmq`).
+    A publish that RabbitMQ blocks (a memory or disk alarm) raises `PublishBlocked`
+    after `BLOCKED_CONNECTION_TIMEOUT` seconds, or the `blocked_connection_timeout`
+    that `BROKER_URL` gives, instead of waiting for the alarm to end.
     In-process: Dramatiq's stub broker, consumed by a worker in the same process; a
-    202 then means "queued in memory".
+    202 then means "queued in memory", and a graceful stop keeps what is still queued
+    for the next start (`intake.memory`).
     """
     redact_dramatiq_logs()
     middleware = [
@@ -42,7 +46,7 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             url=settings.BROKER_URL, confirm_delivery=True, middleware=middleware
         )
     else:
-        broker = StubBroker(middleware=middleware)
+        broker = InMemoryBroker(middleware=middleware)
         broker.emit_after("process_boot")
     dramatiq.set_broker(broker)
     return broker
@@ -61,9 +65,14 @@ def ping(broker: dramatiq.Broker) -> None:
     yes. Such a connection may also have died while the broker is back up (a restart,
     a missed heartbeat), so it is replaced once, and only a new connection that fails
     too says the broker is down.
+
+    A broker that blocks publishing (a memory or disk alarm) answers reads as usual, so
+    it counts as down while `RabbitmqBroker.publishing_blocked` says so.
     """
     if not isinstance(broker, RabbitmqBroker):
         return  # in-process: always there
+    if broker.publishing_blocked:
+        raise PublishBlocked("RabbitMQ is blocking publishing (a memory or disk alarm)")
     try:
         _read_pending(broker)
     except _CONNECTION_LOST:

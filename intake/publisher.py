@@ -57,7 +57,13 @@ class Publisher:
         return [(push_queue(n), push_actor(n)) for n in range(self.shards)] + [email]
 
     def publish(self, events: list[AnyEvent]) -> int:
-        """Enqueue every event on its queues; returns the number of queue messages."""
+        """Enqueue every event on its queues; returns the number of queue messages.
+
+        Raises what the broker raised when a publish fails. The messages published
+        before it stay queued, so the caller must report the whole call as failed (the
+        API answers 503) and its retry may queue those again, which the workers absorb.
+        `herald_events_accepted_total` counts only the events whose publish returned.
+        """
         sent = 0
         push: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for event in events:
@@ -65,14 +71,15 @@ class Publisher:
             for queue, actor in self.routes(event):
                 if queue == EMAIL_QUEUE:
                     self._enqueue(queue, actor, payload, None)
+                    EVENTS_ACCEPTED.labels(queue).inc()
                     sent += 1
                 else:
                     push.setdefault((queue, actor), []).append(payload)
-                EVENTS_ACCEPTED.labels(queue).inc()
         for (queue, actor), payloads in push.items():
             for start in range(0, len(payloads), PUSH_EVENTS_PER_MESSAGE):
                 chunk = payloads[start:start + PUSH_EVENTS_PER_MESSAGE]
                 self._enqueue(queue, actor, chunk if len(chunk) > 1 else chunk[0], None)
+                EVENTS_ACCEPTED.labels(queue).inc(len(chunk))
                 sent += 1
         return sent
 

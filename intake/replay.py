@@ -21,7 +21,8 @@ from models import DeadLetter, db
 from settings import Settings
 
 # The kinds whose work can be sent again (a device a provider refused cannot).
-REPLAYABLE_KINDS = (dead_letters.KIND_QUEUE_MESSAGE, dead_letters.KIND_EMAIL_BATCH)
+REPLAYABLE_KINDS = (dead_letters.KIND_QUEUE_MESSAGE, dead_letters.KIND_EMAIL_BATCH,
+                    dead_letters.KIND_KEPT_AT_STOP)
 
 
 class ReplayRefused(Exception):
@@ -143,9 +144,7 @@ class Replayer:
             Publisher(broker, self.settings.PUSH_SHARDS).command(
                 EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REPLAY_EMAIL_BATCH, payload)
         else:
-            broker.enqueue(dramatiq.Message(
-                queue_name=payload["queue"], actor_name=payload["actor"],
-                args=tuple(payload["args"]), kwargs=payload.get("kwargs", {}), options={}))
+            broker.enqueue(dead_letters.queue_message(payload))
 
     def _connect(self) -> dramatiq.Broker:
         if self._broker is None:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.fakes.fcm import FakeFcm  # noqa: E402
 from tests.harness import InProcessHerald, backend_env  # noqa: E402
 
 _message_ids = itertools.count(1000)
@@ -57,3 +58,14 @@ def message_event(user_id: int, *, message_id: int | None = None, trigger: str =
         message.update(recipient_type="stream", stream=stream, stream_id=12, topic=topic)
     return {"type": "message", "user_id": user_id, "trigger": trigger,
             "channels": list(channels), "message": message, **extra}
+
+
+@pytest.fixture
+def fcm_server() -> Iterator[FakeFcm]:
+    """A fake FCM on loopback, answering at once unless told otherwise."""
+    fake = FakeFcm()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()

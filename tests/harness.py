@@ -329,3 +329,19 @@ class HeraldProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def push_actor_urns() -> dict[int, str]:
+    """{shard: urn} of the PushActors running in this process (one still starting is
+    waited for, and left out if its start fails)."""
+    import pykka
+
+    from actors.push import PushActor
+
+    urns = {}
+    for ref in pykka.ActorRegistry.get_by_class(PushActor):
+        try:
+            urns[ref.proxy().shard.get(timeout=5)] = ref.actor_urn
+        except pykka.ActorDeadError:
+            pass
+    return urns

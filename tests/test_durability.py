@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from actors._mail import MAIL_THREADS
+from actors.runtime import PooledActor
 from tests.conftest import message_event
 from tests.fakes.fcm import FakeFcm
 from tests.harness import (
@@ -512,6 +515,171 @@ def test_a_worker_stopped_while_a_settle_waits_settles_it_on_its_way_out(
         assert len(handler.received) == 1
 
 
+# The longest an SMTP server or a test's stand-in holds something back (seconds); a
+# failed test must not hang on it.
+HOLD_LIMIT = 30.0
+
+
+class _SlowSmtp:
+    """An aiosmtpd handler that holds each email's DATA until `answer` is set or
+    `hold` seconds have passed, then accepts it: a slow SMTP server. `arrived` counts
+    the emails that reached it, `received` keeps those it accepted."""
+
+    def __init__(self, hold: float = HOLD_LIMIT) -> None:
+        self.hold = hold
+        self.answer = threading.Event()
+        self.arrived = 0
+        self.received: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.arrived += 1
+        await asyncio.to_thread(self.answer.wait, self.hold)
+        self.received.append(bytes(envelope.original_content or b""))
+        return "250 Message accepted for delivery"
+
+
+def test_sigterm_while_an_email_is_on_its_way_settles_it_and_it_goes_out_once(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM reaches a worker while its SMTP server holds an email's DATA (2 s): the
+    worker waits for the send, records it as sent (its rows are deleted, not left
+    claimed to go out again when the claim's lease ends), and exits 0. A worker
+    started after it sends nothing more. The lease (300 s) is not configurable, so the
+    rows being gone is what shows they will not go out again."""
+    handler = _SlowSmtp(hold=2.0)
+    with _mail_rig(tmp_path, handler) as (web, worker):
+        with web.client() as client:
+            _put_user(client, period=1)
+            event = message_event(USER, channels=("email",))
+            assert client.post("/v1/events", json=event).status_code == 202
+            wait_until(lambda: handler.arrived == 1, timeout=30,
+                       what="the email to reach the slow SMTP server")
+            assert handler.received == [], "in flight: not answered yet"
+            assert worker.terminate(timeout=60) == 0
+            assert len(handler.received) == 1, "the send in flight was finished"
+            assert _pending(client) == [], "its rows were settled on the way out"
+            again = HeraldProcess(worker.env, "worker", cwd=tmp_path).start()
+            try:
+                time.sleep(3.0)  # time for a second send to show, were there one
+                assert again.terminate(timeout=60) == 0
+            finally:
+                if again.proc and again.proc.poll() is None:
+                    again.proc.kill()
+        assert (handler.arrived, len(handler.received)) == (1, 1)
+        assert "stopped" in worker.output()
+
+
+def test_sigterm_hands_back_the_emails_not_yet_begun_and_finishes_those_on_their_way(
+    tmp_path: Path,
+) -> None:
+    """More users' emails fall due at once than the worker has mail threads, and the
+    SMTP server holds every email it gets. SIGTERM: the emails not begun yet never
+    start, and their rows are handed back at once rather than left claimed for the
+    lease; those on their way finish and are recorded. The next worker sends the rest
+    straight away, and every user gets one email."""
+    users = list(range(100, 100 + MAIL_THREADS + 2))
+    handler = _SlowSmtp()
+    with _mail_rig(tmp_path, handler) as (web, worker), web.client() as client:
+        for user in users:
+            _put_user(client, period=1, user=user)
+        events = [message_event(user, channels=("email",)) for user in users]
+        assert client.post("/v1/events", json={"events": events}).status_code == 202
+        wait_until(lambda: handler.arrived == MAIL_THREADS, timeout=30,
+                   what="an email on every mail thread")
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: f"for {MAIL_THREADS} email send(s) in flight" in worker.output(),
+                   timeout=30, what="the stop to wait for the sends in flight")
+        handler.answer.set()
+        assert worker.proc.wait(60) == 0
+        assert (handler.arrived, len(handler.received)) == (MAIL_THREADS, MAIL_THREADS)
+        again = HeraldProcess(worker.env, "worker", cwd=tmp_path).start()
+        try:
+            wait_until(lambda: len(handler.received) == len(users), timeout=20,
+                       what="the emails handed back, sent by the next worker")
+            time.sleep(1.5)  # time for a second send to show, were there one
+            assert again.terminate(timeout=60) == 0
+        finally:
+            if again.proc and again.proc.poll() is None:
+                again.proc.kill()
+        assert all(client.get(f"/v1/users/{user}/pending").json()["pending"] == []
+                   for user in users)
+    recipients = sorted(str(email.message_from_bytes(body)["To"]) for body in handler.received)
+    assert recipients == sorted(f"Ada <user{user}@example.com>" for user in users)
+
+
+class _PoolHog(PooledActor):
+    """Takes a thread of the actor pool (`actor_pool`, set before start) until
+    `release` is set: the pool busy with the stops of a worker's many other
+    UserBatchActors, so the stop of the one whose email is on its way waits in its
+    inbox.
+
+    Parameters:
+      running: set once the hog has its thread (on that pool thread).
+      release: what the hog waits for before it lets the thread go.
+    """
+
+    def __init__(self, running: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.running = running
+        self.release = release
+
+    def on_start(self) -> None:
+        self.running.set()
+        self.release.wait(HOLD_LIMIT)
+
+
+def test_an_email_that_comes_back_while_its_actor_waits_to_stop_is_settled_once(
+    tmp_path: Path,
+) -> None:
+    """A draining worker has told the user's actor to stop, but the actor pool is busy
+    (one thread, taken) and the stop still waits in its inbox when the slow SMTP server
+    accepts the email: what the send came to arrives behind the stop. It is not dropped
+    with the actor's inbox: the rows are deleted before the worker has stopped, and a
+    worker started after it sends nothing more. Real SMTP server, PostgreSQL and
+    RabbitMQ; herald's parts in this process, to hold the pool at that moment."""
+    handler = _SlowSmtp()
+    running, release = threading.Event(), threading.Event()
+    with _smtp_server(handler) as smtp_url, backend_env("production", tmp_path) as backend:
+        env = {**backend, "SMTP_URL": smtp_url, "ACTOR_POOL_THREADS": "1"}
+        first = InProcessHerald(env)
+        stopping = threading.Thread(target=first.stop, name="test-stop")
+        try:
+            first.put_user(USER, email_batching_period_seconds=1)
+            event = message_event(USER, channels=("email",))
+            assert first.post_events(event).status_code == 202
+            wait_until(lambda: handler.arrived == 1, timeout=30,
+                       what="the email to reach the slow SMTP server")
+            batch_router = first.tree.routers().batch
+            assert first.tree.pool is not None and batch_router is not None
+            _PoolHog.actor_pool = first.tree.pool
+            _PoolHog.start(running, release)
+            assert running.wait(10), "the hog has the pool's thread"
+            stopping.start()
+            wait_until(lambda: not batch_router.is_alive(), timeout=30,
+                       what="the batch router to stop (it tells its actors to stop)")
+            time.sleep(0.2)  # its actors' stops are in their inboxes
+            handler.answer.set()
+            wait_until(lambda: handler.received, timeout=10, what="the email to be accepted")
+            time.sleep(0.5)  # the answer reaches the mail thread, which reports it
+        finally:
+            release.set()
+            handler.answer.set()
+            if stopping.ident is None:
+                first.stop()  # the test failed before the stop began
+            else:
+                stopping.join(90)
+        assert not stopping.is_alive(), "the worker stopped"
+        again = InProcessHerald(env)
+        try:
+            rows = again.client.get(f"/v1/users/{USER}/pending").json()["pending"]
+            assert rows == [], "the sent rows would go out again when their lease ends"
+            time.sleep(1.0)  # time for a second send to show, were there one
+        finally:
+            again.stop()
+        assert (handler.arrived, len(handler.received)) == (1, 1)
+
+
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
     """Embedded: a batch still waiting for its window when SIGTERM comes is not sent early
     and not lost: it is there when herald starts again."""
@@ -574,6 +742,29 @@ def test_an_unreachable_database_at_start_up_stops_with_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herald: database unavailable: ")
     assert "127.0.0.1" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["embedded", "production"])
+def test_processes_started_at_once_on_a_new_database_migrate_it_once(
+    tmp_path: Path, backend: str,
+) -> None:
+    """Migrations that are not idempotent (adding a column) run once however many
+    processes start together on an empty database."""
+    with backend_env(backend, tmp_path) as backend_vars:
+        env = {**os.environ, **backend_vars, "PYTHONPATH": str(ROOT)}
+        starts = [subprocess.Popen([sys.executable, str(ROOT / "supervisor.py"), "migrate"],
+                                   env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outcomes = [(p.wait(60), *p.communicate()) for p in starts]
+        assert [code for code, _, _ in outcomes] == [0, 0, 0], outcomes
+        applied = [name for _, out, _ in outcomes if "nothing (up to date)" not in out
+                   for name in out.strip().removeprefix("applied: ").split(", ")]
+        assert sorted(applied) == sorted(set(applied)), "each migration applied once"
+        assert any(name.startswith("003_") for name in applied)
+        again = subprocess.run([sys.executable, str(ROOT / "supervisor.py"), "migrate"],
+                               env=env, cwd=tmp_path, capture_output=True, text=True,
+                               timeout=60)
+        assert again.stdout.strip() == "applied: nothing (up to date)"
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path: Path) -> None:
@@ -646,6 +837,24 @@ def test_a_metrics_port_in_use_stops_the_process_with_one_line(tmp_path: Path) -
         assert process.wait_exit() == 2
     lines = process.output().strip().splitlines()
     assert lines[-1].startswith("herald: configuration error: METRICS_PORT: "), lines
+    assert "Traceback" not in process.output()
+
+
+def test_an_api_port_in_use_stops_the_process_before_it_consumes(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = HeraldProcess({}, "all", cwd=tmp_path)
+        process.port = port
+        process.env["PORT"] = str(port)
+        process.start(wait=False)
+        assert process.proc is not None
+        assert process.wait_exit() == 2
+    lines = process.output().strip().splitlines()
+    assert lines[-1] == (f"herald: configuration error: PORT: cannot listen on "
+                         f"127.0.0.1:{port}: Address already in use"), lines
+    assert "worker started" not in process.output()
     assert "Traceback" not in process.output()
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pykka
 import pytest
 from prometheus_client import REGISTRY
 
@@ -23,7 +22,7 @@ from tests.conftest import message_event
 from tests.fakes.apns import FakeApns, RecordedRequest, make_apns_key
 from tests.fakes.bouncer import TOKEN_KIND_APNS, TOKEN_KIND_FCM, FakeBouncer
 from tests.fakes.fcm import FakeFcm, FcmRequest
-from tests.harness import InProcessHerald, wait_until
+from tests.harness import InProcessHerald, push_actor_urns, wait_until
 
 # The bundle id the APNs client is set up with; pushes must carry the device's own.
 CLIENT_TOPIC = "org.herald.client"
@@ -429,6 +428,50 @@ def test_a_push_taken_while_the_same_users_push_is_in_flight_waits_for_it(
     assert [apns_event(r) for r in apns_for(fake_apns, apple)] == [("message", str(mid))]
     post(h, push_event(7))  # control: another message is pushed
     wait_until(lambda: len(apns_for(fake_apns, apple)) == 2, what="control push")
+
+
+# A retry this far off cannot be what sends a remove within `PROMPTLY`.
+FAR_BACKOFF_MS = "30000"
+PROMPTLY = 5.0
+
+
+def test_a_read_after_a_push_that_failed_for_now_removes_at_once(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns
+) -> None:
+    """A push answered 503 is no longer on its way: the read's remove is not held back
+    for it (a remove waits only for pushes still being sent), and the push's retry
+    finds the message read and sends nothing."""
+    h = direct(RETRY_MIN_BACKOFF_MS=FAR_BACKOFF_MS, RETRY_MAX_BACKOFF_MS=FAR_BACKOFF_MS)
+    apple = user_with_an_apns_device(h, 7)
+    fake_apns.script(apple, [(503, "ServiceUnavailable", {})])
+    mid = new_id()
+    post(h, push_event(7, mid))
+    wait_for_requests(fake_apns, apple, 1)
+    read_at = time.monotonic()
+    post(h, read_event(7, mid))
+    wait_for_requests(fake_apns, apple, 2)
+    assert time.monotonic() - read_at < PROMPTLY
+    assert [(apns_event(r), r.status) for r in apns_for(fake_apns, apple)] == [
+        (("message", str(mid)), 503), (("remove", str(mid)), 200)]
+
+
+def test_a_read_after_a_bouncer_push_that_failed_for_now_removes_at_once(
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
+) -> None:
+    h = start(**bouncer_env(fake_bouncer), RETRY_MIN_BACKOFF_MS=FAR_BACKOFF_MS,
+              RETRY_MAX_BACKOFF_MS=FAR_BACKOFF_MS)
+    _bouncer_user(h, fake_bouncer, 7)
+    fake_bouncer.fail_next(503)
+    mid = new_id()
+    post(h, push_event(7, mid))
+    wait_until(lambda: fake_bouncer.received("push/notify"), what="the push")
+    read_at = time.monotonic()
+    post(h, read_event(7, mid))
+    wait_until(lambda: len(fake_bouncer.received("push/notify")) == 2, what="the remove")
+    assert time.monotonic() - read_at < PROMPTLY
+    failed, removed = fake_bouncer.received("push/notify")
+    assert (failed.status, removed.status) == (503, 200)
+    assert removed.fields["gcm_payload"]["event"] == "remove"
 
 
 # 3. message_deleted ---------------------------------------------------------------------
@@ -1171,18 +1214,6 @@ def shard_router_urn(h: InProcessHerald) -> str:
     return router.actor_urn
 
 
-def _push_actor_urns() -> dict[int, str]:
-    from actors.push import PushActor
-
-    urns = {}
-    for ref in pykka.ActorRegistry.get_by_class(PushActor):
-        try:
-            urns[ref.proxy().shard.get(timeout=5)] = ref.actor_urn
-        except pykka.ActorDeadError:
-            pass
-    return urns
-
-
 def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns,
     monkeypatch: pytest.MonkeyPatch,
@@ -1195,7 +1226,7 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     healthy, victim = apns_token(), apns_token()
     add_device(h, 2, "apns", healthy)
     add_device(h, 3, "apns", victim)
-    urns = wait_until(lambda: len(_push_actor_urns()) == 2 and _push_actor_urns(),
+    urns = wait_until(lambda: len(push_actor_urns()) == 2 and push_actor_urns(),
                       what="two PushActors")
     router_urn = shard_router_urn(h)
 
@@ -1234,7 +1265,7 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     expected = {str(m) for m in (in_flight, crash_a, crash_b, during)}
     wait_until(lambda: victim_ids() >= expected, timeout=20,
                what="every push of the crashed shard delivered")
-    after = wait_until(lambda: len(_push_actor_urns()) == 2 and _push_actor_urns(),
+    after = wait_until(lambda: len(push_actor_urns()) == 2 and push_actor_urns(),
                        what="two PushActors again")
     assert after[1] != urns[1], "shard 1 was not restarted"
     assert after[0] == urns[0], "shard 0 was restarted too"
@@ -1244,5 +1275,5 @@ def test_crashed_push_actor_is_restarted_and_siblings_are_untouched(
     post(h, push_event(3, later), push_event(2))
     wait_until(lambda: str(later) in victim_ids(), what="a later push on the restarted shard")
     wait_until(lambda: apns_for(fake_apns, healthy), what="a push on the sibling shard")
-    assert _push_actor_urns() == after
+    assert push_actor_urns() == after
     assert h.gave_up == []

@@ -159,19 +159,10 @@ class RetryWithBackoff(Middleware):
                      tries: int, events: int) -> bool:
         """Store a dead letter for `args` of `message`; False if the database refused."""
         EVENTS_FAILED.labels(queue).inc(events)
-        payload = {"queue": queue, "actor": message.actor_name, "args": args,
-                   "kwargs": dict(message.kwargs)}
-        event = args[0] if args and isinstance(args[0], dict) else {}
-        user_id = event.get("user_id") if isinstance(event.get("user_id"), int) else None
         try:
-            dead_letters.record(
-                kind=dead_letters.KIND_QUEUE_MESSAGE,
-                queue=queue,
-                reason=reason,
-                payload=payload,
-                attempts=tries,
-                user_id=user_id,
-            )
+            dead_letters.record_queue_message(
+                queue=queue, actor=message.actor_name, args=args,
+                kwargs=message.kwargs, reason=reason, attempts=tries)
         except Exception:
             logger.exception("could not store dead letter for %s", message.message_id)
             return False

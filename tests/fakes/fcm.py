@@ -220,10 +220,13 @@ class FakeFcm:
         order; appended under a lock, read it with `sent()` for a snapshot.
       token_grants: number of access tokens issued; token_refusals: assertions refused.
       delay: seconds every send waits before answering (0 by default).
+      delays: seconds a send to a given token waits before answering, in place of
+        `delay` (a slow device beside fast ones).
     """
 
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
+        self.delays: dict[str, float] = {}
         self.requests: list[FcmRequest] = []
         # Tokens of sends as they arrive, before `delay` holds them: "in flight".
         self.arrived: list[str | None] = []
@@ -385,8 +388,9 @@ class FakeFcm:
 
         with self._lock:
             self.arrived.append(token if isinstance(token, str) else None)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        delay = self.delays.get(token, self.delay) if isinstance(token, str) else self.delay
+        if delay:
+            await asyncio.sleep(delay)
 
         answer: ScriptedAnswer | None = None
         with self._lock:
