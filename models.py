@@ -19,7 +19,7 @@ import os
 import select
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -56,6 +56,9 @@ PG_CONNECTION_DEFAULTS = {
     "connect_timeout": "10", "keepalives": "1", "keepalives_idle": "30",
     "keepalives_interval": "10", "keepalives_count": "3",
 }
+# Rows per multi-row statement of `Message.mark_deleted`: four values a row stays within
+# SQLite's oldest limit of 999 values per statement.
+MARK_DELETED_ROWS_PER_STATEMENT = 240
 # Longest email batch claim id (`claimed_by`): a worker's id, its claim group, a user id.
 CLAIM_ID_MAX_LENGTH = 255
 
@@ -108,6 +111,24 @@ class Message(BaseModel):
     @property
     def payload(self) -> dict[str, Any]:
         return json.loads(self.data)  # type: ignore[no-any-return]
+
+    @classmethod
+    def mark_deleted(cls, message_ids: Iterable[int]) -> None:
+        """Mark messages deleted, keeping an empty snapshot of any not seen yet so that a
+        late `message` event for it stays deleted. Run it inside a transaction.
+
+        One multi-row upsert per few hundred ids: a `message_deleted` may name 10,000,
+        and a statement each held the database's write lock for seconds. Ids go in
+        ascending order, so that two transactions marking the same messages (every push
+        shard and the email side handle each `message_deleted`) lock rows in one order.
+        """
+        now = time.time()
+        rows = [{"id": m, "data": "{}", "deleted": True, "created_at": now}
+                for m in sorted(set(message_ids))]
+        for chunk in pw.chunked(rows, MARK_DELETED_ROWS_PER_STATEMENT):
+            cls.insert_many(chunk).on_conflict(
+                conflict_target=[cls.id], update={cls.deleted: True}
+            ).execute()
 
 
 class UserMessage(BaseModel):

@@ -429,10 +429,7 @@ def drop_read(user_id: int, message_ids: list[int]) -> int:
 def drop_deleted(message_ids: list[int]) -> list[int]:
     """`message_deleted`: mark deleted, take them out of every batch; return the users."""
     with db.atomic():
-        for mid in message_ids:
-            Message.insert(id=mid, data="{}", deleted=True).on_conflict(
-                conflict_target=[Message.id], update={Message.deleted: True}
-            ).execute()
+        Message.mark_deleted(message_ids)
         users = sorted(
             {r.user_id for r in Row.select(Row.user_id).where(Row.message_id.in_(message_ids))}
         )

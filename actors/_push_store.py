@@ -363,10 +363,7 @@ def push_not_on_its_way(user_id: int, message_id: int) -> None:
 def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int]:
     """Mark messages deleted; return this shard's users who have a push out for them."""
     with db.atomic():
-        for mid in message_ids:
-            Message.insert(id=mid, data="{}", deleted=True).on_conflict(
-                conflict_target=[Message.id], update={Message.deleted: True}
-            ).execute()
+        Message.mark_deleted(message_ids)
     users = (
         UserMessage.select(UserMessage.user_id)
         .where(

@@ -33,6 +33,20 @@ def env(backend: str, tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
+def database(env: dict[str, str]) -> Iterator[None]:
+    """The backend's database, migrated and connected in this thread, for store calls."""
+    import models
+
+    database = models.open_database(env["DATABASE_URL"])
+    models.migrate()
+    try:
+        with database.connection_context():
+            yield
+    finally:
+        database.close()
+
+
+@pytest.fixture
 def herald(env: dict[str, str]) -> Iterator[InProcessHerald]:
     h = InProcessHerald(env)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -125,19 +124,6 @@ def test_a_read_taken_by_another_worker_waits_for_the_push_still_on_its_way(
 
 
 # The rule, on each backend's database -------------------------------------------------
-
-
-@pytest.fixture
-def database(env: dict[str, str]) -> Iterator[None]:
-    import models
-
-    database = models.open_database(env["DATABASE_URL"])
-    models.migrate()
-    try:
-        with database.connection_context():
-            yield
-    finally:
-        database.close()
 
 
 def _user_with_devices(user: int, *tokens: str) -> list[int]:
