@@ -33,6 +33,9 @@ logger = logging.getLogger("herald.supervision")
 RESTART_BACKOFF_MIN = 0.05
 # Longest delay between restarts of a child that keeps crashing (seconds).
 RESTART_BACKOFF_MAX = 5.0
+# A child that has run this long since its last crash was doing well: its next crash
+# starts the backoff afresh (seconds).
+RESTART_BACKOFF_RESET_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,39 @@ class RestartBudget:
             return False
         self._restarts.append(now)
         return True
+
+
+class RestartBackoff:
+    """How long a supervisor waits before restarting a crashed child: from
+    `RESTART_BACKOFF_MIN`, doubling with each crash that follows the child's last one
+    within `reset_seconds`, up to `RESTART_BACKOFF_MAX`. A child that crashes once a day
+    is restarted at once every time, not after the longest delay for good.
+
+    Parameters:
+      reset_seconds: how long after its last crash a child's crashes count afresh.
+      clock: monotonic time source (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        reset_seconds: float = RESTART_BACKOFF_RESET_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reset_seconds = reset_seconds
+        self._clock = clock
+        # Per child: crashes in a row, and when the last one was.
+        self._crashes: dict[Hashable, tuple[int, float]] = {}
+
+    def delay(self, key: Hashable) -> float:
+        """Record a crash of child `key`; the seconds to wait before restarting it."""
+        now = self._clock()
+        # Children that have been well for a while are forgotten, so that the table
+        # does not grow with every user whose actor ever crashed.
+        self._crashes = {k: v for k, v in self._crashes.items()
+                         if now - v[1] <= self.reset_seconds}
+        in_a_row = self._crashes.get(key, (0, now))[0]
+        self._crashes[key] = (in_a_row + 1, now)
+        return float(min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * (2**in_a_row)))
 
 
 class SupervisedMixin:
@@ -154,7 +190,7 @@ class SupervisorMixin:
     """
 
     _budget: RestartBudget
-    _consecutive: dict[Hashable, int]
+    _backoff: RestartBackoff
     _supervisor_name: str
     _schedule: Callable[[float, Callable[[], None]], Any]
 
@@ -167,7 +203,7 @@ class SupervisorMixin:
     ) -> None:
         self._supervisor_name = name
         self._budget = RestartBudget(max_restarts, period_seconds)
-        self._consecutive = {}
+        self._backoff = RestartBackoff()
         self._schedule = schedule or _thread_timer
 
     def _current_child_urn(self, key: Hashable) -> str | None:
@@ -196,9 +232,7 @@ class SupervisorMixin:
                 f"in {self._budget.period_seconds:g}s (last: {failed.key}: {failed.error})"
             )
             return
-        count = self._consecutive.get(failed.key, 0)
-        self._consecutive[failed.key] = count + 1
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * (2**count))
+        delay = self._backoff.delay(failed.key)
         me = self._self_ref()
         self._schedule(delay, lambda: _tell_quietly(me, RestartChild(failed.key)))
 
@@ -212,10 +246,6 @@ class SupervisorMixin:
 
     def _self_ref(self) -> pykka.ActorRef[Any]:
         return self.actor_ref  # type: ignore[attr-defined, no-any-return]
-
-    def _child_succeeded(self, key: Hashable) -> None:
-        """A child did useful work: its next crash starts the backoff afresh."""
-        self._consecutive.pop(key, None)
 
 
 class SupervisorGaveUp(Exception):

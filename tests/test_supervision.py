@@ -21,7 +21,14 @@ from prometheus_client import REGISTRY
 import actors._push_engine as push_engine
 from actors.batch import ChildUrns, UserBatchActor
 from actors.runtime import ActorPool, PooledActor
-from actors.supervision import ChildFailed, RestartBudget, SupervisedMixin
+from actors.supervision import (
+    RESTART_BACKOFF_MAX,
+    RESTART_BACKOFF_MIN,
+    ChildFailed,
+    RestartBackoff,
+    RestartBudget,
+    SupervisedMixin,
+)
 from metrics import ACTOR_RESTARTS
 from settings import Settings
 from tests.conftest import message_event
@@ -65,6 +72,24 @@ def test_restart_budget_counts_a_sliding_window() -> None:
     assert not budget.allow()  # a third restart inside 10 s
     now[0] = 10.5
     assert budget.allow()  # the first two have left the window
+
+
+def test_restart_backoff_doubles_for_crashes_in_a_row_and_starts_afresh_after_a_while(
+) -> None:
+    now = [0.0]
+    backoff = RestartBackoff(reset_seconds=60.0, clock=lambda: now[0])
+    delays = []
+    for _ in range(10):
+        delays.append(backoff.delay("push0"))
+        now[0] += 1.0
+    assert delays[:3] == [RESTART_BACKOFF_MIN, RESTART_BACKOFF_MIN * 2, RESTART_BACKOFF_MIN * 4]
+    assert delays[-1] == RESTART_BACKOFF_MAX
+    # Another child's crashes are its own.
+    assert backoff.delay("push1") == RESTART_BACKOFF_MIN
+    # A child that then ran for more than a minute is restarted at once again.
+    now[0] += 61.0
+    assert backoff.delay("push0") == RESTART_BACKOFF_MIN
+    assert backoff.delay("push0") == RESTART_BACKOFF_MIN * 2
 
 
 def test_crashed_user_batch_actor_restarts_and_siblings_are_untouched(
