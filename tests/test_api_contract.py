@@ -21,12 +21,17 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from ingest.openapi import openapi_document
+from models import SQLITE_BUSY_TIMEOUT_MS
 from tests.harness import HeraldProcess
 
 pytestmark = pytest.mark.slow
 
 # Requests per operation and phase; enough to reach each schema's corners.
 EXAMPLES_PER_OPERATION = 60
+# How long a request may take. A request that writes may queue behind the worker's
+# writes to the SQLite file, up to the 30 s busy timeout, past which herald answers a
+# documented 503; a client timeout below that would fail on a busy machine.
+REQUEST_TIMEOUT_SECONDS = SQLITE_BUSY_TIMEOUT_MS / 1000 + 15
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 
@@ -56,7 +61,7 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case,
         # An event for a user herald does not know is refused (422) by contract, which
         # no schema can say: register the users a request names first.
         _register(herald, _user_ids(case.body))
-    case.call_and_validate(base_url=herald.url,
+    case.call_and_validate(base_url=herald.url, timeout=REQUEST_TIMEOUT_SECONDS,
                            headers={"Authorization": "Bearer test-key"})
 
 
