@@ -12,8 +12,9 @@ set-based statements whatever the group's size (`_batch_store.claim_batches`,
 
 Answers go back as messages (`Claimed`, `Settled`), so an actor never holds a pool
 thread while it waits. When a batch is claimed for an actor that has stopped or
-crashed meanwhile, the claimer hands the rows straight back (`release`), so they do
-not wait out the claim's lease. When a group fails, each of its actors gets
+crashed meanwhile, or told to one that stops before it takes it (`abandon`), the
+claimer hands the rows straight back (`release`), so they do not wait out the
+claim's lease. When a group fails, each of its actors gets
 `ClaimFailed`: if the database was out of reach, the actor hands its request back
 (`again`) after a backoff; otherwise it crashes, and its supervisor restarts it, which
 re-reads its state from the database. A settle whose actor has stopped meanwhile (a
@@ -89,11 +90,51 @@ class ClaimFailed:
 # Requests ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _Claim:
-    user_id: int
-    forced: bool
-    reply_to: pykka.ActorRef[Any]
+    """A flush's claim, from its request until its actor has taken the answer.
+
+    Parameters:
+      user_id: whose rows.
+      forced: claim every pending row, not only the due ones.
+      reply_to: the UserBatchActor told `Claimed`.
+
+    Pykka drops what is left in a stopped actor's inbox, so a `Claimed` told to an
+    actor whose stop came first would leave its rows claimed until the lease ends.
+    The actor abandons its claim as it stops or crashes; a claim answered after that,
+    or told and not taken by then, is handed back. A lock orders the claimer's
+    thread (`answer`) and the actor's (`taken`, `abandon`).
+    """
+
+    def __init__(self, user_id: int, forced: bool, reply_to: pykka.ActorRef[Any]) -> None:
+        self.user_id = user_id
+        self.forced = forced
+        self.reply_to = reply_to
+        self._lock = threading.Lock()
+        self._abandoned = False
+        # The claim told to the actor and not taken by it yet.
+        self._told: str | None = None
+
+    def answer(self, message: Claimed) -> bool:
+        """Tell the actor (claimer's thread); False if it is gone or has abandoned
+        the claim, and the batch, if any, is to be handed back."""
+        with self._lock:
+            if self._abandoned or not _tell(self.reply_to, message):
+                return False
+            self._told = message.batch.claim_id if message.batch is not None else None
+            return True
+
+    def taken(self) -> None:
+        """The actor handles the answer (its thread): the claim is its own now."""
+        with self._lock:
+            self._told = None
+
+    def abandon(self) -> str | None:
+        """The actor stops or crashes (its thread); the claim it was told and will not
+        take, if any."""
+        with self._lock:
+            self._abandoned = True
+            told, self._told = self._told, None
+        return told
 
 
 @dataclass(frozen=True)
@@ -159,6 +200,20 @@ class BatchClaimer(GroupThread[_Work]):
         """Hand the claim's rows back, pending again: its flush will not send them
         (any thread). If the database refuses, they wait out the lease."""
         self.put(_Release(claim_id))
+
+    def taken(self, request: Request) -> None:
+        """The actor that made `request` (a claim) handles its `Claimed` (its thread)."""
+        if isinstance(request, _Claim):
+            request.taken()
+
+    def abandon(self, request: Request) -> None:
+        """The actor that made `request` stops or crashes (its thread): a claim it
+        has been told and will not take is handed back, and one answered later is
+        handed back at once."""
+        if isinstance(request, _Claim):
+            claim_id = request.abandon()
+            if claim_id is not None:
+                self.release(claim_id)
 
     def again(self, request: Request) -> None:
         """Serve a request that failed once more (any thread)."""
@@ -270,7 +325,7 @@ class BatchClaimer(GroupThread[_Work]):
             return
         for request in requests:
             batch = batches.get(request.user_id)
-            if _tell(request.reply_to, Claimed(batch, wakeups.get(request.user_id))):
+            if request.answer(Claimed(batch, wakeups.get(request.user_id))):
                 continue
             if batch is not None:
                 # Its actor is gone: hand the rows back rather than let them wait out

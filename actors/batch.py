@@ -256,8 +256,9 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     `tell`; claims run on the claimer's thread and SMTP on the mail dispatcher's
     threads, which `tell` their answers. A flush is a chain of messages (`Claimed`,
     `_Sent`, `Settled`), so no pool thread waits on the database or SMTP. An actor
-    stopped while its emails are out lets go of their `_Delivery`, and the claimer
-    settles them.
+    stopped while its claim is answered abandons it, and the claimer hands the rows
+    back; one stopped while its emails are out lets go of their `_Delivery`, and the
+    claimer settles them.
     """
 
     def __init__(self, user_id: int, context: BatchContext, router: pykka.ActorRef[Any]) -> None:
@@ -301,6 +302,8 @@ class UserBatchActor(SupervisedMixin, PooledActor):
                 self._flush(forced=False)
         elif isinstance(message, Claimed):
             self._db_failures = 0
+            if self._request is not None:
+                self.ctx.claimer.taken(self._request)
             self._claimed(message)
         elif isinstance(message, _Sent):
             self._sent(message.delivery)
@@ -319,12 +322,20 @@ class UserBatchActor(SupervisedMixin, PooledActor):
     def on_stop(self) -> None:
         self._cancel_timer()
         self._hand_over_retry()
+        self._abandon_claim()
         self._let_go_of_delivery()
 
     def on_crash(self) -> None:
         self._cancel_timer()
         self._hand_over_retry()
+        self._abandon_claim()
         self._let_go_of_delivery()
+
+    def _abandon_claim(self) -> None:
+        # A `Claimed` still in the inbox dies with this actor, and one told later cannot
+        # reach it: the claimer hands either's rows back.
+        if self._request is not None:
+            self.ctx.claimer.abandon(self._request)
 
     def _hand_over_retry(self) -> None:
         # A settle waiting to be asked again would die with this actor, and its sent

@@ -680,6 +680,72 @@ def test_an_email_that_comes_back_while_its_actor_waits_to_stop_is_settled_once(
         assert (handler.arrived, len(handler.received)) == (1, 1)
 
 
+@pytest.mark.parametrize("answered", ["before-the-stop-is-handled", "after-the-stop"])
+def test_a_claim_answered_behind_its_actors_stop_is_handed_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answered: str
+) -> None:
+    """A draining worker has told the user's actor to stop while the actor's claim is
+    being served. The claim's answer reaches the actor's inbox behind the stop (the
+    actor pool is busy), or comes after the actor has stopped. Either way the rows are
+    handed back as the worker stops, and the next worker sends the email at once, not
+    after the claim's five-minute lease. PostgreSQL and RabbitMQ; herald's parts in
+    this process, to hold the claim and the pool at those moments."""
+    from actors import _batch_store
+
+    claiming, answer = threading.Event(), threading.Event()
+    real_claim = _batch_store.claim_batches
+
+    def held_claim(*args: Any) -> Any:
+        result = real_claim(*args)
+        if not claiming.is_set():
+            claiming.set()
+            answer.wait(HOLD_LIMIT)
+        return result
+
+    monkeypatch.setattr(_batch_store, "claim_batches", held_claim)
+    running, release = threading.Event(), threading.Event()
+    with backend_env("production", tmp_path) as backend:
+        env = {**backend, "OUTBOX_DIR": str(tmp_path / "outbox"), "ACTOR_POOL_THREADS": "1"}
+        first = InProcessHerald(env)
+        stopping = threading.Thread(target=first.stop, name="test-stop")
+        try:
+            first.put_user(USER, email_batching_period_seconds=1)
+            assert first.post_events(message_event(USER, channels=("email",))).status_code \
+                == 202
+            assert claiming.wait(30), "the window closes and the batch is claimed"
+            batch_router = first.tree.routers().batch
+            assert first.tree.pool is not None and batch_router is not None
+            _PoolHog.actor_pool = first.tree.pool
+            _PoolHog.start(running, release)
+            assert running.wait(10), "the hog has the pool's thread"
+            stopping.start()
+            wait_until(lambda: not batch_router.is_alive(), timeout=30,
+                       what="the batch router to stop (it tells its actors to stop)")
+            time.sleep(0.2)  # the actor's stop is in its inbox
+            if answered == "after-the-stop":
+                release.set()
+                time.sleep(0.5)  # the actor has handled its stop
+            answer.set()
+            time.sleep(0.5)  # the claimer has told its answer
+        finally:
+            release.set()
+            answer.set()
+            if stopping.ident is None:
+                first.stop()  # the test failed before the stop began
+            else:
+                stopping.join(90)
+        assert not stopping.is_alive(), "the worker stopped"
+        assert _outbox(tmp_path / "outbox") == [], "the stopping worker sent nothing"
+        monkeypatch.setattr(_batch_store, "claim_batches", real_claim)
+        again = InProcessHerald(env)
+        try:
+            mails = wait_until(lambda: _outbox(tmp_path / "outbox"), timeout=15,
+                               what="the next worker to send the email")
+        finally:
+            again.stop()
+        assert [m["To"] for m in mails] == [f"User {USER} <user{USER}@example.com>"]
+
+
 def test_sigterm_keeps_a_pending_batch_and_exits_zero(tmp_path: Path) -> None:
     """Embedded: a batch still waiting for its window when SIGTERM comes is not sent early
     and not lost: it is there when herald starts again."""
