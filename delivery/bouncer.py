@@ -46,6 +46,8 @@ TRANSIENT_STATUSES = frozenset({408, 429})
 USER_AGENT = "herald-push-client"
 # Longest bouncer message kept in an error's reason.
 MAX_REASON_CHARS = 300
+# What the bouncer answers (a 400) to an unregister of a token it does not have.
+UNKNOWN_TOKEN_MSG = "Token does not exist"
 
 TokenKind = Literal["apns", "fcm"]
 
@@ -175,10 +177,18 @@ class BouncerClient:
         token_kind: TokenKind,
         realm_uuid: str | None = None,
     ) -> None:
-        """Remove a device registration (the bouncer answers 400 for an unknown token)."""
+        """Remove a device registration. A token the bouncer does not have (it dropped
+        it after the provider called it invalid, or its registration never got there)
+        is already where this call would put it: done, not a failure to dead-letter."""
         fields = _identity_fields(user_id, user_uuid, realm_uuid)
         fields.update(token=token, token_kind=str(_kind_number(token_kind)))
-        await self._post("push/unregister", data=fields)
+        try:
+            await self._post("push/unregister", data=fields)
+        except BouncerRequestError as error:
+            if error.status != 400 or error.reason != UNKNOWN_TOKEN_MSG:
+                raise
+            log.info("bouncer push/unregister: the bouncer has no such %s token; "
+                     "nothing to remove", token_kind)
 
     async def close(self) -> None:
         await self._client.aclose()

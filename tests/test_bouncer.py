@@ -244,14 +244,25 @@ def test_connection_refused_is_transient(fake: FakeBouncer) -> None:
 
 
 def test_4xx_is_permanent_with_the_bouncers_msg(fake: FakeBouncer) -> None:
+    async def unregister(client: BouncerClient) -> None:
+        await client.unregister(user_id=7, user_uuid=USER_UUID, token=FCM_TOKEN,
+                                token_kind="fcm")
+
+    fake.fail_next(400, msg="Invalid token kind")
+    with pytest.raises(PermanentDeliveryError) as caught:
+        run(fake, unregister)
+
+    assert caught.value.reason == "Invalid token kind"
+    assert isinstance(caught.value, BouncerRequestError) and caught.value.status == 400
+
+
+def test_unregistering_a_token_the_bouncer_does_not_have_is_done(fake: FakeBouncer) -> None:
     async def unregister_unknown(client: BouncerClient) -> None:
         await client.unregister(user_id=7, user_uuid=USER_UUID, token="nope", token_kind="fcm")
 
-    with pytest.raises(PermanentDeliveryError) as caught:
-        run(fake, unregister_unknown)
+    run(fake, unregister_unknown)
 
-    assert caught.value.reason == "Token does not exist"
-    assert isinstance(caught.value, BouncerRequestError) and caught.value.status == 400
+    assert [r.status for r in fake.received("push/unregister")] == [400]
 
 
 def test_invalid_apns_token_is_permanent(fake: FakeBouncer) -> None:

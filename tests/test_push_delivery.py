@@ -1118,6 +1118,24 @@ def test_a_device_removed_again_after_its_unregister_was_lost_leaves_the_bouncer
     assert dead_letters(h) == []
 
 
+def test_a_device_the_bouncer_no_longer_has_is_removed_without_a_dead_letter(
+    fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
+) -> None:
+    h = start(**bouncer_env(fake_bouncer))
+    apple, android = _bouncer_user(h, fake_bouncer, 7)
+    # The bouncer dropped the registration on its own (its provider called it invalid).
+    fake_bouncer.forget(android)
+
+    response = h.client.request("DELETE", "/v1/users/7/devices",
+                                json={"kind": "fcm", "token": android})
+    assert response.status_code == 204, response.text
+    wait_until(lambda: fake_bouncer.received("push/unregister"), what="the unregister")
+    settle()
+    assert [r.status for r in fake_bouncer.received("push/unregister")] == [400]
+    assert devices(h, 7) == {("apns", apple)}
+    assert dead_letters(h) == []
+
+
 def test_bouncer_deleted_devices_are_deleted_locally(
     fake_bouncer: FakeBouncer, start: Callable[..., InProcessHerald]
 ) -> None:

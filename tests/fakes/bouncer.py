@@ -196,6 +196,12 @@ class FakeBouncer:
                 )
             )
 
+    def forget(self, token: str) -> None:
+        """Drop a token's registrations, as the bouncer does when its provider calls
+        the token invalid."""
+        with self._lock:
+            self.registrations = [r for r in self.registrations if r.token != token]
+
     def devices(self, server_uuid: str | None = None) -> list[Registration]:
         """A snapshot of one server's registrations."""
         wanted = server_uuid or self.server_uuid
