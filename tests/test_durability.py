@@ -629,6 +629,21 @@ class _PoolHog(PooledActor):
         self.release.wait(HOLD_LIMIT)
 
 
+def _stop_behind_a_busy_pool(herald: InProcessHerald, stopping: threading.Thread,
+                             running: threading.Event, release: threading.Event) -> None:
+    """Take the actor pool's one thread (a `_PoolHog` until `release`), then start the
+    stop: the UserBatchActors' stops wait in their inboxes when this returns."""
+    batch_router = herald.tree.routers().batch
+    assert herald.tree.pool is not None and batch_router is not None
+    _PoolHog.actor_pool = herald.tree.pool
+    _PoolHog.start(running, release)
+    assert running.wait(10), "the hog has the pool's thread"
+    stopping.start()
+    wait_until(lambda: not batch_router.is_alive(), timeout=30,
+               what="the batch router to stop (it tells its actors to stop)")
+    time.sleep(0.2)  # its actors' stops are in their inboxes
+
+
 def test_an_email_that_comes_back_while_its_actor_waits_to_stop_is_settled_once(
     tmp_path: Path,
 ) -> None:
@@ -650,15 +665,7 @@ def test_an_email_that_comes_back_while_its_actor_waits_to_stop_is_settled_once(
             assert first.post_events(event).status_code == 202
             wait_until(lambda: handler.arrived == 1, timeout=30,
                        what="the email to reach the slow SMTP server")
-            batch_router = first.tree.routers().batch
-            assert first.tree.pool is not None and batch_router is not None
-            _PoolHog.actor_pool = first.tree.pool
-            _PoolHog.start(running, release)
-            assert running.wait(10), "the hog has the pool's thread"
-            stopping.start()
-            wait_until(lambda: not batch_router.is_alive(), timeout=30,
-                       what="the batch router to stop (it tells its actors to stop)")
-            time.sleep(0.2)  # its actors' stops are in their inboxes
+            _stop_behind_a_busy_pool(first, stopping, running, release)
             handler.answer.set()
             wait_until(lambda: handler.received, timeout=10, what="the email to be accepted")
             time.sleep(0.5)  # the answer reaches the mail thread, which reports it
@@ -713,15 +720,7 @@ def test_a_claim_answered_behind_its_actors_stop_is_handed_back_at_once(
             assert first.post_events(message_event(USER, channels=("email",))).status_code \
                 == 202
             assert claiming.wait(30), "the window closes and the batch is claimed"
-            batch_router = first.tree.routers().batch
-            assert first.tree.pool is not None and batch_router is not None
-            _PoolHog.actor_pool = first.tree.pool
-            _PoolHog.start(running, release)
-            assert running.wait(10), "the hog has the pool's thread"
-            stopping.start()
-            wait_until(lambda: not batch_router.is_alive(), timeout=30,
-                       what="the batch router to stop (it tells its actors to stop)")
-            time.sleep(0.2)  # the actor's stop is in its inbox
+            _stop_behind_a_busy_pool(first, stopping, running, release)
             if answered == "after-the-stop":
                 release.set()
                 time.sleep(0.5)  # the actor has handled its stop
