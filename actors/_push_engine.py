@@ -117,6 +117,9 @@ class PushEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        # Set by the PushActor once it has stopped or crashed and failed the works left
+        # in its mailbox: a work told to it and not answered by then never will be.
+        self.gone = threading.Event()
         self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
         self.order = UserOrder()
         self._planner = GroupPlanner(store.plan_pushes, store.in_consumer_connection)

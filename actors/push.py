@@ -61,14 +61,23 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
 
     def on_stop(self) -> None:
         self.engine.stop()
+        self._fail_what_is_left("stopped")
 
     def on_crash(self) -> None:
         """Runs on the actor's thread as it dies, of a message or of its start."""
         self.engine.stop()
-        # Pykka drops told messages left in a dead actor's mailbox, and the consumers
-        # waiting on their replies would hang: fail those replies as transient (the
-        # queue messages are retried once the shard is back). Anything else goes back
-        # for Pykka's own teardown.
+        self._fail_what_is_left("crashed")
+
+    def _fail_what_is_left(self, how: str) -> None:
+        """Runs on the actor's thread as it stops or dies, once the engine has stopped.
+
+        Pykka drops told messages left in a stopped actor's mailbox, and the consumers
+        waiting on their replies would hang: fail those replies as transient (the
+        queue messages are retried once the shard is back). Anything else goes back
+        for Pykka's own teardown. A tell can still land after this (it checked that
+        the actor was alive just before): `engine.gone` tells its consumer that
+        nothing will answer it.
+        """
         inbox = cast("queue.Queue[Any]", self.actor_inbox)  # a ThreadingActor's inbox
         others = []
         while True:
@@ -80,10 +89,11 @@ class PushActor(SupervisedMixin, pykka.ThreadingActor):
                 for work in envelope.message:
                     work.reply.set_exception((
                         TransientDeliveryError,
-                        TransientDeliveryError(f"push shard {self.shard} crashed"),
+                        TransientDeliveryError(f"push shard {self.shard} {how}"),
                         None,
                     ))
             else:
                 others.append(envelope)
         for envelope in others:
             inbox.put(envelope)
+        self.engine.gone.set()

@@ -48,6 +48,9 @@ logger = logging.getLogger("herald.actors")
 
 # How long a consumer waits for the actor tree before retrying the message later.
 HANDOFF_TIMEOUT_SECONDS = 120.0
+# How often a consumer waiting for its push looks whether its PushActor is gone
+# (seconds).
+GONE_POLL_SECONDS = 1.0
 # How long a consumer waits for the routers (and the first shard table) at start-up.
 ROUTER_WAIT_SECONDS = 30.0
 
@@ -253,7 +256,7 @@ class ActorTree:
         outcomes: list[BaseException | None] = []
         for one in work:
             try:
-                _wait(one.reply, max(0.0, deadline - time.monotonic()))
+                _wait_for_push(one.reply, deadline, target.engine.gone)
                 outcomes.append(None)
             except Exception as exc:
                 outcomes.append(exc)
@@ -305,11 +308,37 @@ class ActorTree:
         return self._routers
 
 
+def _wait_for_push(reply: pykka.Future[Any], deadline: float, gone: threading.Event) -> None:
+    """Wait for a push's reply until `deadline` (monotonic), or until its PushActor is
+    gone without answering it: a tell that landed as the actor stopped is never
+    handled, and its consumer should retry now, not after the hand-off timeout."""
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            _wait(reply, max(0.0, min(remaining, GONE_POLL_SECONDS)))
+            return
+        except _StillWaiting:
+            if remaining <= GONE_POLL_SECONDS:
+                raise TransientDeliveryError("timed out waiting for the actor tree") from None
+            # Replies are set before `gone`: look once more after seeing it.
+            if gone.is_set():
+                try:
+                    _wait(reply, 0.0)
+                    return
+                except _StillWaiting:
+                    raise TransientDeliveryError(
+                        "push shard stopped before handling the event") from None
+
+
+class _StillWaiting(TransientDeliveryError):
+    """`_wait` timed out."""
+
+
 def _wait(future: pykka.Future[Any], timeout: float = HANDOFF_TIMEOUT_SECONDS) -> Any:
     try:
         return future.get(timeout=timeout)
     except pykka.Timeout:
-        raise TransientDeliveryError("timed out waiting for the actor tree") from None
+        raise _StillWaiting("timed out waiting for the actor tree") from None
     except pykka.ActorDeadError:
         raise TransientDeliveryError("actor stopped before handling the event") from None
 

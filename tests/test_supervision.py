@@ -405,3 +405,45 @@ def test_push_engine_that_never_starts_spends_the_budgets_up_to_the_root(
     wait_until(lambda: not any(thread.is_alive() for thread in providers.hung),
                what="every half-started engine's loop to end")
     assert len(providers.closed) == 4
+
+
+def test_a_push_told_to_its_shard_as_the_push_actor_stops_is_retried_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer tells its push to the shard's PushActor just as the actor stops: the
+    tell found the actor alive, but lands after the actor failed what its mailbox held,
+    so nothing will handle it. The consumer learns that at once (transient: its queue
+    message is retried), rather than after the 120 s hand-off timeout."""
+    from pykka._envelope import Envelope
+
+    from delivery.outcomes import TransientDeliveryError
+    from events import parse_event
+
+    with backend_env("embedded", tmp_path) as env:
+        h = InProcessHerald({**env, "OUTBOX_DIR": str(tmp_path / "outbox")})
+        try:
+            h.put_user(7)
+            response = h.client.post("/v1/users/7/devices", json={"kind": "fcm",
+                                                                   "token": "tok-1"})
+            assert response.status_code == 201, response.text
+            shard = h.tree._shard(0)
+            real_tell = pykka.ActorRef.tell
+
+            def tell_as_it_stops(ref: pykka.ActorRef[Any], message: Any) -> None:
+                if ref is not shard.actor or not isinstance(message, list):
+                    real_tell(ref, message)
+                    return
+                ref.stop()  # waits until the actor has stopped
+                ref.actor_inbox.put(Envelope(message))
+
+            monkeypatch.setattr(pykka.ActorRef, "tell", tell_as_it_stops)
+            event = parse_event(message_event(7, channels=("push",)))
+            started = time.monotonic()
+            [outcome] = h.tree.push(0, [(event, None)])
+            waited = time.monotonic() - started
+            monkeypatch.undo()
+        finally:
+            h.stop()
+    assert isinstance(outcome, TransientDeliveryError), outcome
+    assert "stopped before handling the event" in str(outcome)
+    assert waited < 30, f"waited {waited:.0f}s, as for the hand-off timeout"
