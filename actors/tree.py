@@ -313,21 +313,18 @@ def _wait_for_push(reply: pykka.Future[Any], deadline: float, gone: threading.Ev
     gone without answering it: a tell that landed as the actor stopped is never
     handled, and its consumer should retry now, not after the hand-off timeout."""
     while True:
+        # Replies are set before `gone`: a look after seeing it set is the last one.
+        last = gone.is_set()
         remaining = deadline - time.monotonic()
         try:
-            _wait(reply, max(0.0, min(remaining, GONE_POLL_SECONDS)))
+            _wait(reply, 0.0 if last else max(0.0, min(remaining, GONE_POLL_SECONDS)))
             return
         except _StillWaiting:
+            if last:
+                raise TransientDeliveryError(
+                    "push shard stopped before handling the event") from None
             if remaining <= GONE_POLL_SECONDS:
-                raise TransientDeliveryError("timed out waiting for the actor tree") from None
-            # Replies are set before `gone`: look once more after seeing it.
-            if gone.is_set():
-                try:
-                    _wait(reply, 0.0)
-                    return
-                except _StillWaiting:
-                    raise TransientDeliveryError(
-                        "push shard stopped before handling the event") from None
+                raise  # the hand-off timeout
 
 
 class _StillWaiting(TransientDeliveryError):
