@@ -9,10 +9,10 @@ service instance is then checked and pinned.
 
 firebase-admin's async HTTP client retries 500/503 answers itself (up to four times, with
 back-off); here it is replaced by one that sends each request once, because retries belong
-to the caller (Dramatiq's back-off, with ``Retry-After`` as a floor). OAuth2 access tokens
-come from the service account's ``token_uri``; google-auth fetches them with blocking I/O,
-so a token that is missing or about to expire is refreshed in a worker thread before a
-send, never on the event loop.
+to the caller (Dramatiq's back-off, with ``Retry-After`` as a floor). Its auth flow is
+replaced too (`delivery._fcm_auth`): OAuth2 access tokens come from the service account's
+``token_uri``, and google-auth fetches them with blocking I/O, so a token that is missing,
+about to expire or answered 401 is fetched in a worker thread, never on the event loop.
 
 Tokens and payload content never reach the logs; results carry FCM's error code, HTTP
 status and FCM's error message only.
@@ -39,6 +39,7 @@ from firebase_admin import credentials as firebase_credentials
 from firebase_admin import exceptions as firebase_exceptions
 from google.auth.transport import requests as google_auth_requests
 
+from delivery._fcm_auth import AccessToken, AccessTokenAuth, AccessTokenError
 from delivery.outcomes import DELIVERED, Outcome, SendResult, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,13 @@ class FcmSender:
                 retry_config=firebase_retry.HttpxRetry(max_retries=0),
             )
             self._service._async_client = self._client
+            self._auth_request = _BoundedAuthRequest(timeout)
+            self._client._async_client.auth = AccessTokenAuth(
+                AccessToken(self._service._credential, self._auth_request)
+            )
         except BaseException:
             firebase_admin.delete_app(self._app)
             raise
-        self._credential = self._service._credential
-        self._auth_request = _BoundedAuthRequest(timeout)
-        self._token_lock = asyncio.Lock()
         self._closed = False
 
     async def __aenter__(self) -> FcmSender:
@@ -177,9 +179,6 @@ class FcmSender:
             raise ValueError(f"priority must be one of {sorted(ANDROID_PRIORITIES)}")
         if not tokens:
             return []
-        refused = await self._ensure_access_token()
-        if refused is not None:
-            return [refused] * len(tokens)
         android = messaging.AndroidConfig(priority=priority)
         results: list[SendResult] = []
         for start in range(0, len(tokens), MAX_BATCH_SIZE):
@@ -216,21 +215,6 @@ class FcmSender:
         self._service._client.close()
         firebase_admin.delete_app(self._app)
 
-    async def _ensure_access_token(self) -> SendResult | None:
-        """Fetch an access token off the event loop if none is valid; a result on failure."""
-        if self._credential.valid:
-            return None
-        async with self._token_lock:
-            if self._credential.valid:
-                return None
-            try:
-                await asyncio.to_thread(self._credential.refresh, self._auth_request)
-            except google.auth.exceptions.GoogleAuthError as error:
-                result = result_from_error(error)
-                log.warning("fcm access token: %s (%s)", result.outcome.value, result.reason)
-                return result
-        return None
-
 
 def _make_messaging_service(app: firebase_admin.App, endpoint: str | None) -> Any:
     """Create `app`'s messaging service, pointed at `endpoint` when one is given."""
@@ -258,6 +242,8 @@ def result_from_error(error: BaseException | None) -> SendResult:
         if response is not None:
             return _result_from_response(response)
         cause = error.cause
+        if isinstance(cause, AccessTokenError):
+            return result_from_error(cause.auth_error)
         if isinstance(cause, google.auth.exceptions.GoogleAuthError):
             return result_from_error(cause)
         if isinstance(error, firebase_exceptions.DeadlineExceededError) or isinstance(

@@ -269,6 +269,104 @@ def test_hundreds_of_concurrent_sends(fake: FakeFcm, creds: str) -> None:
     assert fake.token_grants == 1
 
 
+def _loop_stall_during(work: Any) -> tuple[Any, float]:
+    """Run `work()` (a coroutine function) on a fresh event loop beside a ticker that
+    sleeps 10 ms at a time; returns work's result and the longest the ticker waited."""
+
+    async def go() -> tuple[Any, float]:
+        longest = 0.0
+        done = asyncio.Event()
+
+        async def tick() -> None:
+            nonlocal longest
+            while not done.is_set():
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                longest = max(longest, time.monotonic() - before)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            return await work(), longest
+        finally:
+            done.set()
+            await ticker
+
+    return asyncio.run(go())
+
+
+def test_a_revoked_access_token_is_replaced_off_the_event_loop(
+    fake: FakeFcm, creds: str
+) -> None:
+    async def work() -> tuple[SendResult, SendResult]:
+        async with FcmSender(credentials_file=creds, endpoint=fake.url) as sender:
+            first = await sender.send("device-1", data=DATA, priority="high")
+            fake.revoke_access_tokens()
+            fake.token_delay = 1.0
+            return first, await sender.send("device-2", data=DATA, priority="high")
+
+    (first, second), stall = _loop_stall_during(work)
+
+    assert first.ok and second.ok
+    assert fake.unauthenticated == 1
+    assert fake.token_grants == 2
+    assert [r.token for r in fake.sent()] == ["device-1", "device-2"]
+    # The new token took a second to come; the loop went on meanwhile.
+    assert stall < 0.5
+
+
+def test_a_burst_refused_with_401_shares_one_new_token(fake: FakeFcm, creds: str) -> None:
+    tokens = [f"device-{i}" for i in range(50)]
+
+    async def go() -> list[SendResult]:
+        async with FcmSender(credentials_file=creds, endpoint=fake.url) as sender:
+            await sender.send("warm", data=DATA, priority="high")
+            fake.revoke_access_tokens()
+            return await sender.send_many(tokens, data=DATA, priority="high")
+
+    results = asyncio.run(go())
+
+    assert all(r.ok for r in results)
+    assert fake.unauthenticated == 50
+    assert fake.token_grants == 2
+    assert sorted(str(r.token) for r in fake.sent()) == sorted([*tokens, "warm"])
+
+
+def test_a_token_endpoint_too_slow_after_a_401_is_transient(fake: FakeFcm, creds: str) -> None:
+    async def work() -> list[SendResult]:
+        async with FcmSender(credentials_file=creds, endpoint=fake.url, timeout=0.5) as sender:
+            await sender.send("warm", data=DATA, priority="high")
+            fake.revoke_access_tokens()
+            fake.token_delay = 3.0
+            return await sender.send_many(["a", "b", "c"], data=DATA, priority="high")
+
+    started = time.monotonic()
+    results, stall = _loop_stall_during(work)
+
+    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 3
+    assert all("access token" in r.reason for r in results)
+    # One fetch, cut at the sender's timeout, answers all three.
+    assert time.monotonic() - started < 2.5
+    assert stall < 0.3
+    assert [r.token for r in fake.sent()] == ["warm"]
+
+
+def test_a_service_account_refused_after_a_401_is_permanent(
+    fake: FakeFcm, creds: str, tmp_path: Path
+) -> None:
+    async def go() -> SendResult:
+        async with FcmSender(credentials_file=creds, endpoint=fake.url) as sender:
+            await sender.send("warm", data=DATA, priority="high")
+            fake.revoke_access_tokens()
+            fake.distrust_all()
+            return await sender.send("device-1", data=DATA, priority="high")
+
+    result = asyncio.run(go())
+
+    assert result.outcome is Outcome.PERMANENT
+    assert "access token refused" in result.reason
+    assert fake.token_refusals == 1
+
+
 def test_bad_priority_is_refused(fake: FakeFcm, creds: str) -> None:
     with pytest.raises(ValueError):
         send(creds, fake.url, "tok", priority="urgent")

@@ -222,6 +222,8 @@ class FakeFcm:
       delay: seconds every send waits before answering (0 by default).
       delays: seconds a send to a given token waits before answering, in place of
         `delay` (a slow device beside fast ones).
+      token_delay: seconds the token endpoint waits before answering (0 by default).
+      unauthenticated: sends answered 401 for want of a valid access token.
     """
 
     def __init__(self, *, delay: float = 0.0) -> None:
@@ -230,8 +232,10 @@ class FakeFcm:
         self.requests: list[FcmRequest] = []
         # Tokens of sends as they arrive, before `delay` holds them: "in flight".
         self.arrived: list[str | None] = []
+        self.token_delay = 0.0
         self.token_grants = 0
         self.token_refusals = 0
+        self.unauthenticated = 0
         self._lock = threading.Lock()
         self._accounts: dict[str, ServiceAccount] = {}
         self._access_tokens: dict[str, ServiceAccount] = {}
@@ -304,6 +308,19 @@ class FakeFcm:
             queue = self._scripts.setdefault(token, collections.deque())
             queue.extend((status, code, dict(headers)) for status, code, headers in answers)
 
+    def revoke_access_tokens(self) -> None:
+        """Forget every access token issued so far, as Google does when a service
+        account's key is rotated: sends carrying one are answered 401 until the client
+        fetches a new token."""
+        with self._lock:
+            self._access_tokens.clear()
+
+    def distrust_all(self) -> None:
+        """Refuse every service account's assertions from now on, as Google does once
+        a key is deleted."""
+        with self._lock:
+            self._accounts.clear()
+
     def sent(self) -> list[FcmRequest]:
         """A snapshot of `requests`."""
         with self._lock:
@@ -317,6 +334,8 @@ class FakeFcm:
     # -- endpoints ---------------------------------------------------------------------
 
     async def _token(self, request: Request) -> Response:
+        if self.token_delay:
+            await asyncio.sleep(self.token_delay)
         form = urllib.parse.parse_qs((await request.body()).decode("ascii", "replace"))
         grant_type = form.get("grant_type", [""])[0]
         assertion = form.get("assertion", [""])[0]
@@ -366,6 +385,8 @@ class FakeFcm:
         with self._lock:
             account = self._access_tokens.get(credential) if scheme == "Bearer" else None
         if account is None:
+            with self._lock:
+                self.unauthenticated += 1
             return _google_error(
                 401,
                 "Request had invalid authentication credentials. Expected OAuth 2 access token.",
