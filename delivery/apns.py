@@ -69,7 +69,7 @@ from typing import Any, ClassVar
 import jwt
 from aioapns import APNs, NotificationRequest, PushType
 from aioapns.common import NotificationResult
-from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider
+from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider, ChannelPool
 from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from cryptography.hazmat.primitives import serialization
@@ -78,6 +78,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
+from h2.settings import ChangedSetting, SettingCodes
 from hpack import Encoder
 
 from delivery.outcomes import Outcome, SendResult, parse_retry_after
@@ -127,6 +128,13 @@ HTTP_TOO_MANY_REQUESTS = 429
 
 # Reason reported when no answer came within the timeout.
 REASON_TIMEOUT = "timeout"
+# Reason reported for sends the sender's close cut short.
+REASON_CLOSED = "sender closed"
+# Apple's limit on a notification's JSON payload, in bytes (VoIP pushes, never sent
+# here, may have 5120).
+MAX_PAYLOAD_BYTES = 4096
+# Apple's reason for a payload over that limit; herald refuses it without sending.
+REASON_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 
 
 class ProviderToken(AuthorizationHeaderProvider):
@@ -233,6 +241,29 @@ class _FlowControlledH2Connection(H2Connection):
             self.backlog.popleft()
 
 
+class _StreamSlots(ChannelPool):
+    """aioapns' count of a connection's free streams, whose limit follows the server's
+    SETTINGS_MAX_CONCURRENT_STREAMS up as well as down.
+
+    aioapns raises the limit by releasing the new slots one at a time, each release
+    capped at the old limit; a limit raised while every stream is in use therefore
+    stays near the old one for the connection's life. APNs does exactly that with
+    token authentication: one stream until a request with a valid token is answered,
+    then up to 1000.
+    """
+
+    def set_limit(self, limit: int) -> None:
+        """Make `limit` streams the most in flight; runs on the connection's loop."""
+        raised = limit - self._bound_value
+        self._bound_value = limit
+        if raised > 0:
+            for _ in range(raised):
+                self.release()  # capped at the new limit now; wakes a waiting send
+        else:
+            # Streams in flight above the new limit end before another may start.
+            self._value += raised
+
+
 class _HeraldProtocol(APNsTLSClientProtocol):
     """aioapns' TLS protocol with herald's fixes; bound to one sender by `_bind_protocol`."""
 
@@ -253,6 +284,7 @@ class _HeraldProtocol(APNsTLSClientProtocol):
         if auth_provider is not None and self.shared_auth is not None:
             auth_provider = self.shared_auth
         super().__init__(apns_topic, loop, on_connection_lost, auth_provider)
+        self.free_channels = _StreamSlots(self.free_channels.bound)
         self._h2 = _FlowControlledH2Connection()
         self.conn = self._h2
         self._last_active = 0.0
@@ -292,6 +324,13 @@ class _HeraldProtocol(APNsTLSClientProtocol):
             return
         self.inactivity_timer = self.loop.call_later(self.INACTIVITY_TIME - idle,
                                                      self._close_if_idle)
+
+    def on_remote_settings_changed(self, changed_settings: dict[Any, ChangedSetting]) -> None:
+        for setting in changed_settings.values():
+            if setting.setting == SettingCodes.MAX_CONCURRENT_STREAMS:
+                slots = self.free_channels
+                assert isinstance(slots, _StreamSlots)
+                slots.set_limit(setting.new_value)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -503,6 +542,8 @@ class ApnsSender:
         self._client: APNs | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # aioapns sends in progress (their tasks), for close() to end.
+        self._sending: set[asyncio.Future[NotificationResult]] = set()
 
     def _get_client(self) -> APNs:
         if self._client is None:
@@ -572,10 +613,14 @@ class ApnsSender:
         except ValueError:
             return SendResult(Outcome.PERMANENT, "unsupported push type")
         try:
-            # aioapns serialises after writing the headers, which would strand the stream.
-            json.dumps(payload, ensure_ascii=False)
+            # aioapns serialises after writing the headers, which would strand the stream;
+            # a body over the limit would be refused by APNs, or, over h2's frame size or
+            # the connection's window, hold up every send queued behind it.
+            body = json.dumps(payload, ensure_ascii=False).encode()
         except (TypeError, ValueError):
             return SendResult(Outcome.PERMANENT, "payload is not JSON-serialisable")
+        if len(body) > MAX_PAYLOAD_BYTES:
+            return SendResult(Outcome.PERMANENT, REASON_PAYLOAD_TOO_LARGE)
         time_to_live = None
         if expiration is not None:
             time_to_live = max(0, int(expiration) - int(time.time()))
@@ -590,8 +635,16 @@ class ApnsSender:
         )
         client = self._get_client()
         notification_id = request.notification_id
+        sending = asyncio.ensure_future(client.send_notification(request))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
         try:
-            result = await asyncio.wait_for(client.send_notification(request), self.timeout)
+            result = await asyncio.wait_for(sending, self.timeout)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if sending.cancelled() and self._closed and not (current and current.cancelling()):
+                return SendResult(Outcome.TRANSIENT, REASON_CLOSED)  # cut short by close()
+            raise
         except TimeoutError:
             logger.debug("APNs send %s: no answer in %.1f s", notification_id, self.timeout)
             return SendResult(Outcome.TRANSIENT, REASON_TIMEOUT)
@@ -635,6 +688,11 @@ class ApnsSender:
         client, self._client = self._client, None
         if client is None:
             return
+        # A send whose connection closes under it would be tried again by aioapns on a
+        # new connection, opened after this close: a second delivery, and a connection
+        # nobody closes. Such sends end here, as transient failures.
+        for sending in list(self._sending):
+            sending.cancel()
         pool = client.pool
         pool.close()
         # Let the transports finish closing (connection_lost removes them from the pool).

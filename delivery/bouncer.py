@@ -22,6 +22,7 @@ Errors: timeouts, connection failures, 5xx and 429 raise `TransientDeliveryError
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,11 +95,12 @@ class BouncerClient:
       url: the bouncer's base URL, e.g. ``https://push.zulipchat.com``.
       server_uuid: this server's UUID at the bouncer (Basic auth user name).
       api_key: this server's API key at the bouncer (Basic auth password).
-      timeout: seconds allowed for each request.
+      timeout: seconds allowed for each request, from sending it to its whole answer.
     """
 
     def __init__(self, url: str, server_uuid: str, api_key: str, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
+        self._timeout = timeout
         self._client = httpx.AsyncClient(
             base_url=self.url + API_PREFIX,
             auth=httpx.BasicAuth(server_uuid, api_key),
@@ -201,12 +203,16 @@ class BouncerClient:
         data: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         try:
-            response = await self._client.post(endpoint, json=json, data=data)
-        except httpx.TimeoutException as error:
+            # httpx's timeout bounds each step (connect, each read); this bounds the whole.
+            response = await asyncio.wait_for(
+                self._client.post(endpoint, json=json, data=data), self._timeout
+            )
+        except (httpx.TimeoutException, TimeoutError) as error:
             raise TransientDeliveryError(
                 f"bouncer {endpoint}: timeout ({type(error).__name__})"
             ) from error
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
+            # Transport errors, and answers that cannot be decoded (a proxy's bad gzip).
             raise TransientDeliveryError(
                 f"bouncer {endpoint}: connection error ({type(error).__name__})"
             ) from error

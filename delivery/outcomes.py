@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import math
@@ -78,9 +79,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
+        if when.tzinfo is None:
+            # RFC 9110 dates are GMT; an asctime() one parses without a zone.
+            when = when.replace(tzinfo=datetime.UTC)
+        try:
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        except (OverflowError, ValueError, OSError):
+            return None
     if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)

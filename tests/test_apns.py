@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -560,3 +561,107 @@ def test_parse_endpoint_and_retry_after() -> None:
         assert parse_retry_after(bad) is None, bad
     assert parse_retry_after("1e300") == MAX_RETRY_AFTER_SECONDS
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
+    # A year no clock reaches is malformed too, not an exception.
+    assert parse_retry_after("Mon, 01 Jan 99999999999999999999 00:00:00 GMT") is None
+    assert parse_retry_after("Mon, 01 Jan 9999 00:00:00 GMT") == MAX_RETRY_AFTER_SECONDS
+
+
+def test_an_asctime_retry_after_is_read_as_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after("Wed Oct 21 07:28:00 2015", now=1445412470.0) == 10
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_malformed_retry_after_does_not_hide_an_invalid_device(
+    fake: FakeApns, key: Key
+) -> None:
+    fake.script(TOKEN, [(410, "Unregistered",
+                         {"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"})])
+
+    result = send_one(make_sender(fake, key))
+
+    assert result.outcome is Outcome.INVALID_DEVICE
+    assert result.reason == "Unregistered"
+
+
+def test_a_stream_limit_raised_by_the_server_is_used_in_full(key: Key) -> None:
+    # APNs with token auth: one stream until a request with a valid token is answered.
+    server = FakeApns(public_key=key.public_key, key_id=key.key_id, team_id=key.team_id,
+                      delay=0.3, max_concurrent_streams=1, streams_once_accepted=1000)
+    server.start()
+    try:
+        sender = make_sender(server, key, max_connections=1, timeout=10.0)
+
+        async def burst(s: ApnsSender) -> tuple[list[SendResult], float]:
+            # The limit is raised while this first push is the one stream in flight.
+            assert (await s.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD)).ok
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(s.send(f"{i:064x}", topic=DEVICE_TOPIC, payload=PAYLOAD) for i in range(300))
+            )
+            return results, time.monotonic() - started
+
+        results, took = run_with(sender, burst)
+
+        assert all(r.outcome is Outcome.DELIVERED for r in results)
+        assert server.connections_total == 1
+        # 300 answers of 0.3 s each: together, not a few at a time (that took 45 s or
+        # ran into the timeout).
+        assert took < 3.0
+    finally:
+        server.stop()
+
+
+def test_a_payload_over_apples_limit_is_refused_without_sending(
+    fake: FakeApns, key: Key
+) -> None:
+    def payload_of(size: int) -> dict[str, Any]:
+        payload: dict[str, Any] = {"aps": {"alert": {"body": ""}}}
+        filler = size - len(json.dumps(payload, ensure_ascii=False).encode())
+        payload["aps"]["alert"]["body"] = "é" * (filler // 2) + "x" * (filler % 2)
+        assert len(json.dumps(payload, ensure_ascii=False).encode()) == size
+        return payload
+
+    async def work(sender: ApnsSender) -> list[SendResult]:
+        return [
+            await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=payload_of(4097)),
+            await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=payload_of(70_000)),
+            await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=payload_of(4096)),
+            await sender.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD),
+        ]
+
+    results = run_with(make_sender(fake, key), work)
+
+    assert [(r.outcome, r.reason) for r in results[:2]] == \
+        [(Outcome.PERMANENT, "PayloadTooLarge")] * 2
+    assert [r.outcome for r in results[2:]] == [Outcome.DELIVERED] * 2
+    assert len(fake.requests) == 2
+
+
+def test_close_ends_a_send_in_flight_without_sending_it_again(key: Key) -> None:
+    server = FakeApns(public_key=key.public_key, key_id=key.key_id, team_id=key.team_id,
+                      delay=1.0)
+    server.start()
+    try:
+        sender = make_sender(server, key, timeout=5.0)
+
+        async def close_midway(s: ApnsSender) -> SendResult:
+            sending = asyncio.ensure_future(s.send(TOKEN, topic=DEVICE_TOPIC, payload=PAYLOAD))
+            while not server.requests:  # the fake holds its answer for a second
+                await asyncio.sleep(0.01)
+            await s.close()
+            return await sending
+
+        result = run_with(sender, close_midway)
+
+        assert result.outcome is Outcome.TRANSIENT
+        assert result.reason == "sender closed"
+        time.sleep(1.5)  # a send tried again would have reached the server by now
+        assert len(server.requests) == 1
+        assert wait_until(lambda: server.connections_open == 0)
+    finally:
+        server.stop()

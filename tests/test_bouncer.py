@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -234,6 +237,99 @@ def test_timeout_is_transient(fake: FakeBouncer) -> None:
 
     assert "timeout" in caught.value.reason
     assert time.monotonic() - started < 2.0
+
+
+@contextlib.contextmanager
+def raw_http_server(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> Iterator[str]:
+    """An HTTP/1.1 server on loopback, in a thread of its own, that reads each request
+    and lets `answer` write the response as it likes (a bouncer behind a bad proxy).
+    Yields its base URL."""
+    loop = asyncio.new_event_loop()
+    ready: queue.Queue[int] = queue.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            await answer(writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ready.put(server.sockets[0].getsockname()[1])
+        await stop.wait()
+        server.close()
+        answering = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    port = ready.get(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=5)
+        loop.close()
+
+
+SUCCESS_BODY = (b'{"result": "success", "msg": "", "total_android_devices": 1, '
+                b'"total_apple_devices": 0, '
+                b'"deleted_devices": {"android_devices": [], "apple_devices": []}}')
+
+
+def test_an_answer_that_trickles_in_is_cut_at_the_timeout() -> None:
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(SUCCESS_BODY))
+        for start in range(0, len(SUCCESS_BODY), 10):
+            # Each read waits less than the timeout; the whole answer, far longer.
+            writer.write(SUCCESS_BODY[start:start + 10])
+            await writer.drain()
+            await asyncio.sleep(0.4)
+
+    with raw_http_server(trickle) as url:
+        started = time.monotonic()
+        with pytest.raises(TransientDeliveryError) as caught:
+            asyncio.run(_notify_once(url, timeout=1.0))
+
+    assert "timeout" in caught.value.reason
+    assert time.monotonic() - started < 2.5
+
+
+def test_an_answer_that_cannot_be_decoded_is_transient() -> None:
+    async def bad_gzip(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: gzip\r\nContent-Length: 7\r\n\r\nnotgzip")
+        await writer.drain()
+
+    with raw_http_server(bad_gzip) as url, pytest.raises(TransientDeliveryError) as caught:
+        asyncio.run(_notify_once(url, timeout=5.0))
+
+    assert "DecodingError" in caught.value.reason
+
+
+def test_a_malformed_retry_after_is_ignored(fake: FakeBouncer) -> None:
+    fake.fail_next(503, headers={"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"})
+
+    with pytest.raises(TransientDeliveryError) as caught:
+        run(fake, notify())
+
+    assert caught.value.retry_after is None
+
+
+async def _notify_once(url: str, *, timeout: float) -> BouncerResult:
+    async with BouncerClient(url, "server-uuid", "api-key", timeout=timeout) as client:
+        return await notify()(client)
 
 
 def test_connection_refused_is_transient(fake: FakeBouncer) -> None:

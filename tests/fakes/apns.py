@@ -250,6 +250,10 @@ class FakeApns:
       team_id: required ``iss`` of provider tokens.
       delay: seconds to wait before answering each request.
       max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
+      streams_once_accepted: if set, a connection advertises this many streams (a
+        SETTINGS frame sent just before the answer) once a request on it has been
+        accepted, as APNs does with token authentication: one stream until a request
+        with a valid token, then more.
 
     Attributes: ``ca_file`` (trust this), ``requests`` (RecordedRequest list),
     ``connections_total``, ``connections_open``, ``provider_tokens`` (distinct JWTs seen),
@@ -264,12 +268,14 @@ class FakeApns:
         team_id: str | None = None,
         delay: float = 0.0,
         max_concurrent_streams: int = 1000,
+        streams_once_accepted: int | None = None,
     ) -> None:
         self.public_key = public_key
         self.key_id = key_id
         self.team_id = team_id
         self.delay = delay
         self.max_concurrent_streams = max_concurrent_streams
+        self.streams_once_accepted = streams_once_accepted
         self._dir = Path(tempfile.mkdtemp(prefix="fake-apns-"))
         self._authority = _Authority(self._dir)
         self.ca_file = self._authority.ca_file
@@ -503,6 +509,8 @@ class _Connection(asyncio.Protocol):
         self.blocked: dict[int, bytes] = {}
         self.flush_scheduled = False
         self.is_closed = False
+        # Whether `streams_once_accepted` has been advertised on this connection.
+        self.streams_raised = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -608,6 +616,11 @@ class _Connection(asyncio.Protocol):
             if status == RESET_STREAM:
                 self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             elif status == 200:
+                if self.fake.streams_once_accepted is not None and not self.streams_raised:
+                    self.streams_raised = True
+                    self.conn.update_settings(
+                        {SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.streams_once_accepted}
+                    )
                 self.conn.send_headers(stream_id, headers, end_stream=True)
             else:
                 document: dict[str, Any] = {"reason": reason or "Unknown"}
