@@ -476,6 +476,23 @@ def in_thread_connection(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwar
         raise
 
 
+def in_call_connection(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run `fn(*args)` on a connection for this call, from a thread of a large pool
+    (Dramatiq's worker threads) that uses the database now and then.
+
+    On PostgreSQL the connection is taken from the pool and handed back afterwards:
+    keeping one per thread would take as many from the pool as there are threads. A
+    connection this thread holds already is used, unless the server dropped it, and is
+    closed if it fails (as `in_thread_connection` does). On SQLite the thread's kept
+    connection is used, as opening one (a connect and four PRAGMAs) costs more than
+    the call.
+    """
+    if not isinstance(db.obj, _PostgresPool) or not db.is_closed():
+        return in_thread_connection(fn, *args, **kwargs)
+    with db.connection_context():
+        return fn(*args, **kwargs)
+
+
 def ping() -> None:
     """Run a trivial query; raises if the database is unreachable.
 

@@ -30,6 +30,7 @@ from models import (
     User,
     UserMessage,
     db,
+    in_call_connection,
     in_thread_connection,
     is_postgres,
 )
@@ -108,20 +109,9 @@ def in_connection(fn: Callable[..., T], *args: Any) -> T:
 
 
 def in_consumer_connection(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` on a consumer thread's connection.
-
-    On PostgreSQL the connection is taken from the pool for this call only: there are
-    many consumer threads (`WORKER_THREADS`), and keeping a connection each would take
-    as many from the pool, for a call few of them make at any one time. A SQLite
-    connection is kept, as opening one (a connect and four PRAGMAs) costs more than
-    the call.
-    """
-    if not is_postgres():
-        return in_thread_connection(fn, *args)
-    if not db.is_closed():
-        return fn(*args)  # this thread holds one already
-    with db.connection_context():
-        return fn(*args)
+    """Run `fn` on a consumer thread: there are many (`WORKER_THREADS`), each planning
+    now and then (`models.in_call_connection`)."""
+    return in_call_connection(fn, *args)
 
 
 def recipient_of(user: User) -> Recipient:

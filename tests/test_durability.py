@@ -153,9 +153,19 @@ class _SlowFcmRig:
     def receipts(self) -> int:
         import models
 
+        return self._count(models.PushReceipt)
+
+    def dead_letters(self) -> int:
+        import models
+
+        return self._count(models.DeadLetter)
+
+    def _count(self, model: Any) -> int:
+        import models
+
         database = models.make_database(self.admin_url)
-        with database.bind_ctx([models.PushReceipt]), database.connection_context():
-            return int(models.PushReceipt.select().count())
+        with database.bind_ctx([model]), database.connection_context():
+            return int(model.select().count())
 
 
 @contextlib.contextmanager
@@ -251,6 +261,47 @@ def test_lost_database_connections_lose_no_event(tmp_path: Path) -> None:
         _push_and_email_across(rig, outbox,
                                lambda: _assert_some(database_outage(OUTAGE_SECONDS)))
         # The batch's flush waited for the database instead of crashing its actor.
+        assert "crashed" not in worker.output()
+
+
+def test_worker_threads_that_stored_dead_letters_push_after_a_database_restart(
+    tmp_path: Path,
+) -> None:
+    """Worker threads store dead letters for queue messages no event can be read from;
+    then PostgreSQL drops every connection. The pushes that come next are delivered:
+    no thread kept a connection from those writes, which would now be dead."""
+    import dramatiq
+    import pika
+
+    with _slow_fcm_rig(tmp_path, delay=0.0, WORKER_THREADS="2", RETRY_MAX_TRIES="4",
+                       RETRY_MIN_BACKOFF_MS="200", RETRY_MAX_BACKOFF_MS="1000") as rig:
+        web, worker = rig.spawn("web", locked_out=False), rig.spawn("worker")
+        with web.client() as client:
+            rig.user_with_device(client, USER, "tok-1")
+            assert client.post("/v1/events", json=message_event(
+                USER, channels=("push",))).status_code == 202
+            wait_until(lambda: rig.receipts() == 1, timeout=30, what="the first receipt")
+            connection = pika.BlockingConnection(pika.URLParameters(rig.env["BROKER_URL"]))
+            try:
+                channel = connection.channel()
+                for _ in range(10):
+                    bogus = dramatiq.Message(queue_name="push.shard0", actor_name="push_shard0",
+                                             args=({"type": "bogus"},), kwargs={}, options={})
+                    channel.basic_publish("", "push.shard0", bogus.encode(),
+                                          pika.BasicProperties(delivery_mode=2))
+            finally:
+                connection.close()
+            wait_until(lambda: rig.dead_letters() == 10, timeout=30, what="ten dead letters")
+            assert database_outage(OUTAGE_SECONDS) > 0
+            time.sleep(OUTAGE_SECONDS + 0.5)
+            for _ in range(3):
+                assert client.post("/v1/events", json=message_event(
+                    USER, channels=("push",))).status_code == 202
+            wait_until(lambda: rig.receipts() == 4, timeout=30,
+                       what="the three pushes after the restart")
+            assert rig.dead_letters() == 10
+            # The broker's dead queue keeps its copies of the ten, and nothing else.
+            assert rabbit_queue_depth(rig.env["BROKER_URL"], "push.shard0.XQ") == 10
         assert "crashed" not in worker.output()
 
 

@@ -8,6 +8,7 @@ dead-letter row with the reason for every message it gives up on.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ from dramatiq.middleware import Middleware
 from delivery.outcomes import PermanentDeliveryError, TransientDeliveryError
 from intake import dead_letters
 from metrics import EVENTS_FAILED, EVENTS_RETRIED
+from models import in_call_connection
 
 logger = logging.getLogger("herald.intake.retries")
 
@@ -160,9 +162,12 @@ class RetryWithBackoff(Middleware):
         """Store a dead letter for `args` of `message`; False if the database refused."""
         EVENTS_FAILED.labels(queue).inc(events)
         try:
-            dead_letters.record_queue_message(
+            # A worker thread's connection for this write only: one kept would outlive a
+            # database restart and fail every later call on this thread.
+            in_call_connection(functools.partial(
+                dead_letters.record_queue_message,
                 queue=queue, actor=message.actor_name, args=args,
-                kwargs=message.kwargs, reason=reason, attempts=tries)
+                kwargs=message.kwargs, reason=reason, attempts=tries))
         except Exception:
             logger.exception("could not store dead letter for %s", message.message_id)
             return False
