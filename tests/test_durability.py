@@ -285,8 +285,9 @@ def test_worker_threads_that_stored_dead_letters_push_after_a_database_restart(
             try:
                 channel = connection.channel()
                 for _ in range(10):
-                    bogus = dramatiq.Message(queue_name="push.shard0", actor_name="push_shard0",
-                                             args=({"type": "bogus"},), kwargs={}, options={})
+                    bogus: dramatiq.Message[Any] = dramatiq.Message(
+                        queue_name="push.shard0", actor_name="push_shard0",
+                        args=({"type": "bogus"},), kwargs={}, options={})
                     channel.basic_publish("", "push.shard0", bogus.encode(),
                                           pika.BasicProperties(delivery_mode=2))
             finally:
