@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     RETRY_MAX_BACKOFF_MS: int = Field(300_000, ge=1)
     RETRY_MAX_TRIES: int = Field(10, ge=1, le=1000)
 
+    # Seconds a stopping worker gives the messages in hand before it stops the actors,
+    # which fail what is left for a retry (kept for the next start on the embedded
+    # default). Keep it below the process manager's grace period.
+    DRAIN_SECONDS: float = Field(60.0, gt=0, le=3600)
+
     # Dramatiq consumer threads per worker process. Each waits while its event is being
     # recorded or pushed, so this bounds the events in flight per process.
     WORKER_THREADS: int = Field(64, ge=1, le=1024)

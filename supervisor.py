@@ -39,8 +39,9 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2
 EXIT_GAVE_UP = 70
 EXIT_UNAVAILABLE = 75
-# How long a draining worker waits for messages in hand (milliseconds).
-DRAIN_TIMEOUT_MS = 60_000
+# Seconds a draining worker's threads get, once the actors have stopped, to fail the
+# events still in hand for their retry (a PushActor's stop is seen within a second).
+SETTLE_AFTER_STOP_SECONDS = 10.0
 # Connections the API's socket queues before it accepts them (uvicorn's default).
 API_BACKLOG = 2048
 # Random bytes in the API key `all` generates without HERALD_API_KEYS (32 characters).
@@ -215,9 +216,14 @@ class Process:
         logger.info("draining")
         if self.worker is not None:
             # Finishes messages in hand; prefetched ones go back to the broker.
-            self.worker.stop(timeout=DRAIN_TIMEOUT_MS)
+            self.worker.stop(timeout=int(self.settings.DRAIN_SECONDS * 1000))
         if self.tree is not None:
             self.tree.stop()
+        if self.worker is not None:
+            # Messages still in hand after the drain: the actors' stop has failed their
+            # work; their threads now queue the retries (or dead letters), which the
+            # in-memory queue must hold before it is kept below.
+            _join_worker_threads(self.worker, SETTLE_AFTER_STOP_SECONDS)
         from intake.memory import InMemoryBroker, keep
 
         if isinstance(broker, InMemoryBroker):
@@ -230,6 +236,18 @@ class Process:
         if self.listener is not None:
             self.listener.close()  # uvicorn closes it too, unless it never ran
         logger.info("stopped")
+
+
+def _join_worker_threads(worker: Any, seconds: float) -> None:
+    """Wait up to `seconds` in all for `worker`'s (stopped) threads to finish."""
+    deadline = time.monotonic() + seconds
+    for thread in worker.workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    busy = sum(thread.is_alive() for thread in worker.workers)
+    if busy:
+        logger.error("%d worker thread(s) still busy %.0f s after the actors stopped: "
+                     "RabbitMQ delivers their messages again; on the in-memory queue "
+                     "their events are lost", busy, seconds)
 
 
 def _with_embedded_api_key(settings: Any) -> Any:

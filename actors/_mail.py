@@ -29,7 +29,7 @@ logger = logging.getLogger("herald.email")
 # Threads (and so SMTP connections) sending emails at once, per process.
 MAIL_THREADS = 8
 # How long a stopping dispatcher waits for the emails being sent (seconds): the bound a
-# draining worker gives the messages in hand (`supervisor.DRAIN_TIMEOUT_MS`) and the
+# draining worker gives the messages in hand by default (`DRAIN_SECONDS`) and the
 # actor tree its routers (`actors/tree.py`).
 SEND_DRAIN_SECONDS = 60.0
 

@@ -124,6 +124,9 @@ class PushEngine:
         self.order = UserOrder()
         self._planner = GroupPlanner(store.plan_pushes, store.in_consumer_connection)
         self._inflight: set[asyncio.Task[None]] = set()
+        # Set on the loop as the engine stops: work whose turn comes after that is failed
+        # for a retry instead of being started (a stop waits only for sends under way).
+        self._stopping = False
         self.apns: Any = None
         self.fcm: Any = None
         self.bouncer: Any = None
@@ -276,6 +279,7 @@ class PushEngine:
             loop.close()
 
     async def _shutdown(self) -> None:
+        self._stopping = True
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending, timeout=self.settings.PUSH_TIMEOUT_SECONDS)
@@ -316,6 +320,9 @@ class PushEngine:
         try:
             assert work.place is not None  # admitted on the consumer's thread
             async with self._turn(work.place):
+                if self._stopping:
+                    raise TransientDeliveryError(
+                        f"push shard {self.shard} stopped before the event's turn came")
                 await self._handle(work)
             work.reply.set(None)
         except BaseException:

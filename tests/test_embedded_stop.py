@@ -99,3 +99,46 @@ def test_a_kept_letter_for_a_queue_gone_since_stays_and_the_start_goes_on(
     finally:
         broker.close()
         database.close()
+
+
+def test_events_still_in_hand_when_the_drain_runs_out_are_kept_for_the_next_start(
+    tmp_path: Path, fcm_server: FakeFcm
+) -> None:
+    """One request's pushes for one user go out one after another; the provider is slow
+    and the drain short, so most are still in hand when it ends. The actors' stop fails
+    them for a retry, which is kept and sent at the next start: each push once."""
+    database = tmp_path / "herald.db"
+    env = {"DATABASE_URL": f"sqlite:///{database}", "OUTBOX_DIR": str(tmp_path / "outbox"),
+           "FCM_CREDENTIALS": str(fcm_server.new_service_account(tmp_path)),
+           "FCM_ENDPOINT": fcm_server.url, "DRAIN_SECONDS": "1"}
+    fcm_server.delay = HOLD_SECONDS
+    message_ids = list(range(21, 31))
+    first = HeraldProcess(env, "all", cwd=tmp_path).start()
+    try:
+        with first.client() as client:
+            assert client.put(f"/v1/users/{USER}", json={
+                "email": "ada@example.com", "full_name": "Ada"}).status_code == 200
+            assert client.post(f"/v1/users/{USER}/devices",
+                               json={"kind": "fcm", "token": "phone"}).status_code == 201
+            response = client.post("/v1/events", json={"events": [
+                message_event(USER, message_id=m, channels=("push",)) for m in message_ids]})
+            assert response.status_code == 202, response.text
+        wait_until(lambda: fcm_server.arrived, what="the first push to be out")
+        assert first.terminate() == 0
+    finally:
+        if first.proc and first.proc.poll() is None:
+            first.proc.kill()
+    # The first push was out: its answer came while the actors stopped, and was kept.
+    assert [r.data["zulip_message_id"] for r in fcm_server.sent()] == ["21"]
+    assert [kind for kind, _, _ in _kept(database)] == ["kept_at_stop"]
+
+    fcm_server.delay = 0.0
+    second = HeraldProcess(env, "all", cwd=tmp_path).start()
+    try:
+        wait_until(lambda: len(fcm_server.sent()) == len(message_ids), timeout=30,
+                   what="the kept pushes to go out")
+        assert second.terminate() == 0
+    finally:
+        if second.proc and second.proc.poll() is None:
+            second.proc.kill()
+    assert sorted(int(r.data["zulip_message_id"]) for r in fcm_server.sent()) == message_ids
