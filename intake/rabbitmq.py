@@ -136,7 +136,15 @@ class _PublishingChannel:
 
 
 class _GroupedAckConsumer(rabbitmq._RabbitmqConsumer):
-    """A queue's consumer; `ack` runs on worker threads, `_send_acks` on the consumer's."""
+    """A queue's consumer; `ack` runs on worker threads, `_send_acks` on the consumer's.
+
+    After a lost connection Dramatiq's consumer thread makes a new consumer and acks
+    every message through it, those delivered on the lost connection included. Delivery
+    tags start again at 1 on each channel, so such an ack would settle whichever new
+    delivery now has that tag, while its work may still be under way. Each message
+    therefore remembers the consumer that delivered it, and acks and nacks of messages
+    from another one are dropped: RabbitMQ has delivered those again already.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,7 +152,26 @@ class _GroupedAckConsumer(rabbitmq._RabbitmqConsumer):
         # Delivery tags to ack on the next wake-up of the consumer thread.
         self._pending: list[int] = []
 
+    def __next__(self) -> Any:
+        message = super().__next__()
+        if message is not None:
+            message._delivered_by = self
+        return message
+
+    def _delivered_elsewhere(self, message: Any, what: str) -> bool:
+        if getattr(message, "_delivered_by", None) is self:
+            return False
+        self.logger.info("Not %s message %s: it came on a connection since lost, and "
+                         "RabbitMQ delivers it again.", what, message.message_id)
+        return True
+
+    def nack(self, message: Any) -> None:
+        if not self._delivered_elsewhere(message, "nacking"):
+            super().nack(message)
+
     def ack(self, message: Any) -> None:
+        if self._delivered_elsewhere(message, "acking"):
+            return
         try:
             self.known_tags.remove(message._tag)
         except KeyError:

@@ -113,3 +113,34 @@ def test_an_ack_on_a_closed_connection_fails_without_blocking_later_acks() -> No
             assert rabbit_queue_depth(url, QUEUE) == 0
         finally:
             broker.close()
+
+
+def test_an_ack_for_a_delivery_on_a_lost_connection_does_not_settle_a_newer_one() -> None:
+    """Delivery tags start again on a new channel: the late ack of a message delivered
+    on the lost connection must not ack the new delivery that now has its tag."""
+    with rabbit_vhost() as url:
+        broker = RabbitmqBroker(url=url, confirm_delivery=True)
+        try:
+            broker.declare_queue(QUEUE)
+            broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name="work",
+                                            args=("a",), kwargs={}, options={}))
+            first = broker.consume(QUEUE, prefetch=1, timeout=1000)
+            assert isinstance(first, _GroupedAckConsumer)
+            a = wait_until(lambda: next(first), what="a delivery")
+            first.connection.close()  # lost while "a" is being worked on
+
+            # The consumer thread's new consumer: "a" delivered again, with the same tag.
+            second = broker.consume(QUEUE, prefetch=1, timeout=1000)
+            a_again = wait_until(lambda: next(second), what="the redelivery")
+            assert (a._tag, a_again._tag) == (1, 1)
+            second.ack(a)  # the work on the first delivery ends: its late ack
+            second.close()  # sends what acks it holds, then closes
+            # The delivery on the new channel was never acked: it is queued again.
+            assert rabbit_queue_depth(url, QUEUE) == 1
+
+            third = broker.consume(QUEUE, prefetch=1, timeout=1000)
+            third.ack(wait_until(lambda: next(third), what="the message once more"))
+            third.close()
+            assert rabbit_queue_depth(url, QUEUE) == 0
+        finally:
+            broker.close()
