@@ -200,6 +200,11 @@ class PushEngine:
         try:
             ready = []
             for work in works:
+                if isinstance(work.event, MessageDeletedEvent):
+                    # Marked here, before anything taken after it is planned: a push of
+                    # these messages must find them deleted, not wait for the deletion's
+                    # turn on the loop (it is in no user's line).
+                    store.in_consumer_connection(store.mark_deleted, work.event.message_ids)
                 work.place = self.order.join(_line_key(work))
                 if work.place.first and isinstance(work.event, MessageEvent):
                     work.stages = _StageClock(work.created)
@@ -339,8 +344,9 @@ class PushEngine:
         elif isinstance(work.event, ReadEvent):
             await self._remove(work.event.user_id, work.event.message_ids, mark_read=True)
         elif isinstance(work.event, MessageDeletedEvent):
+            # Marked deleted when it was taken (`admit`).
             users = await self._run_db(
-                store.delete_messages, work.event.message_ids, self.shard,
+                store.pushes_out_for, work.event.message_ids, self.shard,
                 self.settings.PUSH_SHARDS,
             )
             for user_id in users:

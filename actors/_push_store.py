@@ -350,10 +350,20 @@ def push_not_on_its_way(user_id: int, message_id: int) -> None:
     ).execute()
 
 
-def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int]:
-    """Mark messages deleted; return this shard's users who have a push out for them."""
+def mark_deleted(message_ids: list[int]) -> None:
+    """Mark messages deleted: no push is planned for them from now on."""
     with db.atomic():
         Message.mark_deleted(message_ids)
+
+
+def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int]:
+    """Mark messages deleted; return this shard's users who have a push out for them."""
+    mark_deleted(message_ids)
+    return pushes_out_for(message_ids, shard, shards)
+
+
+def pushes_out_for(message_ids: list[int], shard: int, shards: int) -> list[int]:
+    """This shard's users who have a push out for any of the messages."""
     users = (
         UserMessage.select(UserMessage.user_id)
         .where(

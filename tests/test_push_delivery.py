@@ -514,6 +514,24 @@ def test_message_deleted_removes_from_users_with_an_active_push(
     assert apns_for(fake_apns, tokens[9][0]) == []
 
 
+def test_a_deletion_taken_ahead_of_the_push_of_its_message_keeps_it_from_being_sent(
+    direct: Callable[..., InProcessHerald], fake_apns: FakeApns
+) -> None:
+    h = direct()
+    apple = user_with_an_apns_device(h, 7)
+    mid, other = new_id(), new_id()
+    deleted = parse_event({"type": "message_deleted", "message_ids": [mid]})
+    pushes = [parse_event(push_event(7, m)) for m in (mid, other)]
+    # One queue message of the push shard, as a consumer hands it over: the deletion,
+    # then the push of the deleted message and of another one.
+    outcomes = h.tree.push(0, [(deleted, None), *((p, None) for p in pushes)])
+
+    assert outcomes == [None, None, None]
+    wait_until(lambda: apns_for(fake_apns, apple), what="the other push")
+    settle()
+    assert [apns_event(r) for r in apns_for(fake_apns, apple)] == [("message", str(other))]
+
+
 def test_message_deleted_waits_for_the_push_in_flight(
     direct: Callable[..., InProcessHerald], fake_apns: FakeApns
 ) -> None:
