@@ -51,6 +51,12 @@ used unmodified):
   returns flow-control credit for response bodies (aioapns never does, so enough
   error bodies would stall a connection), resets the stream of a send that timed out
   (freeing its channel) and ignores answers that arrive after the caller gave up.
+* Stream limit: aioapns cannot raise a connection's limit on concurrent streams while
+  they are all in use, which is how APNs raises it on a new token-authenticated
+  connection (from one); the subclass keeps the count itself (`_StreamSlots`).
+* Close: aioapns sends again, on a new connection, a request whose connection closed
+  under it; `ApnsSender.close` ends its sends in flight first, as transient failures.
+* Payload size: a body over Apple's 4 KiB is refused before anything is sent.
 
 Never logged: device tokens, keys, provider tokens, payload content.
 """
