@@ -21,6 +21,10 @@ read these keys the way Zulip's server sends them):
   ``pm_users`` of just the sender and the recipient is treated as a 1:1 DM, as Zulip does.
 - A mention trigger wins over the 1:1 rule for the subtitle: a mention inside a 1:1 DM
   shows ``Ada mentioned you:``; a plain 1:1 DM shows an empty subtitle.
+- An APNs payload over Apple's 4096 bytes has its alert's title, then subtitle, then
+  body cut (``…`` at the end, never below `MIN_ALERT_TEXT_CHARS` characters) by just
+  enough to fit; the ``zulip`` keys are never cut. One that still does not fit is left
+  whole, for the sender to refuse.
 - Extensions for older app versions: ``realm_uri`` (same as ``realm_url``) everywhere,
   ``message_ids`` (a one-element list) in the APNs ``zulip`` dict, and
   ``zulip_message_id`` (the oldest id kept) in FCM remove data.
@@ -28,12 +32,13 @@ read these keys the way Zulip's server sends them):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from events import Message, MessageEvent
-from rendering.text import PUSH_TEXT_LIMIT, html_to_text, truncate
+from rendering.text import ELLIPSIS, PUSH_TEXT_LIMIT, html_to_text, truncate
 
 # APNs `apns-expiration`: a push not delivered within a day is stale.
 APNS_EXPIRATION_SECONDS = 24 * 60 * 60
@@ -45,6 +50,20 @@ FCM_PRIORITY_MESSAGE = "high"
 FCM_PRIORITY_REMOVE = "normal"
 # A remove push names at most this many message ids (APNs payloads are capped at 4 KB).
 MAX_REMOVE_IDS = 200
+# Apple's limit on a notification's JSON payload, in bytes: APNs refuses a larger one,
+# and so does the APNs sender, before sending (`delivery.apns.MAX_PAYLOAD_BYTES`).
+APNS_MAX_PAYLOAD_BYTES = 4096
+# A payload over that limit has its alert lines cut, in this order, until it fits. iOS
+# shows the title and the subtitle on one line each, so what is cut from them past that
+# line is text the reader would not have seen; the body is shown over several lines (in
+# full when expanded), so it goes last. The title goes first: it is the longest line
+# when it runs long (stream and topic, or hundreds of names), and the conversation it
+# names is still opened from the `zulip` keys, while the subtitle alone says who wrote
+# and why the user is told.
+ALERT_CUT_ORDER = ("title", "subtitle", "body")
+# An alert line is never cut below this many characters (then ``…``): about what one
+# line of a notification shows.
+MIN_ALERT_TEXT_CHARS = 32
 # Replaces the message text when content is redacted.
 REDACTED_CONTENT = "New message"
 # The badge count: Zulip's apps expect 0 (the server does not count unread pushes).
@@ -212,7 +231,8 @@ def _stringify(data: dict[str, Any]) -> dict[str, str]:
 def apns_payload(
     recipient: Recipient, event: MessageEvent, *, redact: bool = False
 ) -> dict[str, Any]:
-    """The APNs JSON body for a missed message.
+    """The APNs JSON body for a missed message, cut to fit `APNS_MAX_PAYLOAD_BYTES` if it
+    can be (see `_fit_alert`).
 
     Parameters:
       recipient: who gets the push.
@@ -221,7 +241,7 @@ def apns_payload(
     """
     zulip = _message_data(recipient, event, redact)
     zulip["message_ids"] = [event.message.id]
-    return {
+    payload = {
         "aps": {
             "alert": {
                 "title": push_title(event),
@@ -233,6 +253,55 @@ def apns_payload(
         },
         "zulip": zulip,
     }
+    excess = _json_size(payload) - APNS_MAX_PAYLOAD_BYTES
+    return payload if excess <= 0 else _fit_alert(payload, excess)
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as the APNs client sends it: JSON, non-ASCII unescaped, UTF-8."""
+    # "surrogatepass" keeps the measure from raising: text that cannot be encoded is
+    # the sender's to refuse, not the renderer's.
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+def _cut_to_size(text: str, max_bytes: int) -> str:
+    """The longest ``text[:n] + "…"`` whose JSON takes at most `max_bytes` bytes, with n
+    at least `MIN_ALERT_TEXT_CHARS` (so possibly larger than `max_bytes`).
+
+    `text` must be longer than `MIN_ALERT_TEXT_CHARS`.
+    """
+    low = MIN_ALERT_TEXT_CHARS
+    # Every character takes at least a byte, so no longer prefix can fit; this also
+    # keeps each measure below to a few kilobytes, however long `text` is.
+    high = min(len(text) - 1, max_bytes)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _json_size(text[:middle] + ELLIPSIS) <= max_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + ELLIPSIS
+
+
+def _fit_alert(payload: dict[str, Any], excess: int) -> dict[str, Any]:
+    """`payload` with its alert lines cut (`ALERT_CUT_ORDER`) by just enough to shed
+    `excess` bytes; `payload` itself if that is not enough, since the `zulip` keys are
+    what the app opens the conversation with and are never cut."""
+    alert = dict(payload["aps"]["alert"])
+    for key in ALERT_CUT_ORDER:
+        text = alert[key]
+        if len(text) <= MIN_ALERT_TEXT_CHARS:
+            continue
+        size = _json_size(text)
+        shorter = _cut_to_size(text, size - excess)
+        saved = size - _json_size(shorter)
+        if saved <= 0:
+            continue
+        alert[key] = shorter
+        excess -= saved
+        if excess <= 0:
+            return {**payload, "aps": {**payload["aps"], "alert": alert}}
+    return payload
 
 
 def fcm_data(recipient: Recipient, event: MessageEvent, *, redact: bool = False) -> dict[str, str]:

@@ -8,14 +8,19 @@ from typing import Any
 import pytest
 
 from events import MessageEvent
+from rendering import push
 from rendering.push import (
     APNS_EXPIRATION_SECONDS,
+    APNS_MAX_PAYLOAD_BYTES,
     MAX_REMOVE_IDS,
+    MIN_ALERT_TEXT_CHARS,
     Recipient,
     apns_payload,
     apns_remove_payload,
     fcm_data,
     fcm_remove_data,
+    fcm_string,
+    push_content,
     push_subtitle,
     push_title,
     server_host,
@@ -249,6 +254,176 @@ def test_small_remove_payload_and_empty_list() -> None:
     assert fcm_remove_data(ME, [5])["zulip_message_ids"] == "5"
     with pytest.raises(ValueError):
         apns_remove_payload(ME, [])
+
+
+# ----------------------------------------------------------- the APNs size limit
+
+
+def apns_bytes(payload: dict[str, Any]) -> int:
+    """The payload's size as the APNs client sends it."""
+    return len(json.dumps(payload, ensure_ascii=False).encode())
+
+
+def assert_zulip_keys_whole(payload: dict[str, Any], ev: MessageEvent) -> None:
+    """The `zulip` keys are those of the FCM data, nothing cut: the app opens the
+    conversation with them."""
+    zulip = dict(payload["zulip"])
+    assert zulip.pop("message_ids") == [ev.message.id]
+    assert {key: fcm_string(value) for key, value in zulip.items()} == fcm_data(ME, ev)
+    assert zulip["content"] == push_content(ev)[0]
+
+
+def test_the_limit_is_the_one_the_apns_sender_enforces() -> None:
+    from delivery.apns import MAX_PAYLOAD_BYTES
+
+    assert APNS_MAX_PAYLOAD_BYTES == MAX_PAYLOAD_BYTES == 4096
+
+
+def test_a_long_emoji_stream_and_topic_cut_the_title_only() -> None:
+    stream = "design" + "🎨" * 194
+    topic = "logo" + "🚀" * 196
+    sender = "Augusta Ada King, Countess of Lovelace"
+    ev = event(
+        stream=stream, topic=topic, sender_full_name=sender, html="<p>" + "🙂" * 300 + "</p>"
+    )
+    assert len(stream) == len(topic) == 200
+    payload = apns_payload(ME, ev)
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    alert = payload["aps"]["alert"]
+    full_title = push_title(ev)
+    assert alert["title"].startswith("#design🎨")
+    assert alert["title"].endswith("…")
+    assert full_title.startswith(alert["title"][:-1])
+    assert MIN_ALERT_TEXT_CHARS < len(alert["title"]) < len(full_title)
+    # Cutting the title was enough: the subtitle and the body, long too, are whole.
+    assert alert["subtitle"] == f"{sender} mentioned you:"
+    assert alert["body"] == "🙂" * 200 + "…"
+    assert (payload["zulip"]["stream"], payload["zulip"]["topic"]) == (stream, topic)
+    assert_zulip_keys_whole(payload, ev)
+
+
+def test_a_group_dm_of_hundreds_of_long_names_cuts_the_title_of_names() -> None:
+    participants: list[dict[str, Any]] = [
+        {"id": 7, "full_name": "Grace"},
+        {"id": 3, "full_name": "Ada"},
+    ]
+    participants += [
+        {"id": 100 + i, "full_name": f"Participant {i:03d} " + "Ω" * 150} for i in range(320)
+    ]
+    ev = event("direct_message", kind="group", pm_users=participants)
+    payload = apns_payload(ME, ev)
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    title = payload["aps"]["alert"]["title"]
+    assert title.startswith("Ada, Participant 000 ΩΩΩ")
+    assert title.endswith("…")
+    assert push_title(ev).startswith(title[:-1])
+    assert payload["aps"]["alert"]["subtitle"] == "Ada:"
+    assert payload["aps"]["alert"]["body"] == "Hello"
+    ids = sorted(p["id"] for p in participants)
+    assert payload["zulip"]["pm_users"] == ",".join(str(i) for i in ids)
+    assert_zulip_keys_whole(payload, ev)
+
+
+def test_a_long_sender_and_group_name_cut_the_mention_subtitle() -> None:
+    sender = "Ada " + "🦄" * 196
+    group = "designers " + "🎨" * 190
+    ev = event(group=group, sender_full_name=sender, html="<p>" + "🙂" * 300 + "</p>")
+    payload = apns_payload(ME, ev)
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    alert = payload["aps"]["alert"]
+    # The title is short already; the subtitle is what gets cut.
+    assert alert["title"] == "#design > logo"
+    subtitle = alert["subtitle"]
+    assert subtitle.startswith("Ada 🦄🦄")
+    assert subtitle.endswith("…")
+    assert push_subtitle(ev).startswith(subtitle[:-1])
+    assert MIN_ALERT_TEXT_CHARS < len(subtitle) < len(push_subtitle(ev))
+    assert alert["body"] == "🙂" * 200 + "…"
+    zulip = payload["zulip"]
+    assert (zulip["sender_full_name"], zulip["mentioned_user_group_name"]) == (sender, group)
+    assert_zulip_keys_whole(payload, ev)
+
+
+def test_the_body_is_cut_last_once_title_and_subtitle_are_at_their_minimum() -> None:
+    stream, topic = "🎨" * 200, "🚀" * 200
+    ev = event(
+        group="designers" + "🎨" * 41,
+        stream=stream,
+        topic=topic,
+        sender_full_name="Ada" + "🦄" * 97,
+        html="<p>" + "🙂" * 300 + "</p>",
+    )
+    payload = apns_payload(ME, ev)
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    alert = payload["aps"]["alert"]
+    assert alert["title"] == push_title(ev)[:MIN_ALERT_TEXT_CHARS] + "…"
+    assert alert["subtitle"] == push_subtitle(ev)[:MIN_ALERT_TEXT_CHARS] + "…"
+    body = alert["body"]
+    assert body.endswith("…")
+    assert body.startswith("🙂" * MIN_ALERT_TEXT_CHARS)
+    assert len(body) < 201
+    assert payload["zulip"]["content"] == "🙂" * 200 + "…"
+    assert_zulip_keys_whole(payload, ev)
+
+
+def test_a_payload_that_fits_only_at_the_limit_is_cut_by_no_more_than_needed() -> None:
+    ev = event(topic="t" * 200)
+    fitting = apns_payload(ME, ev)
+    # Pad the one realm key that appears once in the payload up to the limit exactly.
+    pad = APNS_MAX_PAYLOAD_BYTES - apns_bytes(fitting)
+    at_limit = Recipient(7, ME.email, ME.full_name, "A" * (len(ME.realm_name) + pad), ME.realm_url)
+    payload = apns_payload(at_limit, ev)
+    assert apns_bytes(payload) == APNS_MAX_PAYLOAD_BYTES
+    assert payload["aps"]["alert"]["title"] == push_title(ev)
+
+    over = Recipient(7, ME.email, ME.full_name, at_limit.realm_name + "A", ME.realm_url)
+    payload = apns_payload(over, ev)
+    # Four characters make way for the three bytes of "…".
+    assert payload["aps"]["alert"]["title"] == push_title(ev)[:-4] + "…"
+    assert apns_bytes(payload) == APNS_MAX_PAYLOAD_BYTES
+
+
+def test_a_payload_that_cannot_fit_by_cutting_the_alert_is_left_whole() -> None:
+    # The ids of 1000 participants alone are over the limit.
+    participants = [{"id": 10**18 + i, "full_name": "Ω" * 200} for i in range(999)]
+    participants.append({"id": 7, "full_name": "Grace"})
+    ev = event("direct_message", kind="group", pm_users=participants)
+    payload = apns_payload(ME, ev)
+    assert apns_bytes(payload) > APNS_MAX_PAYLOAD_BYTES
+    assert payload["aps"]["alert"] == {
+        "title": push_title(ev),
+        "subtitle": push_subtitle(ev),
+        "body": "Hello",
+    }
+    assert_zulip_keys_whole(payload, ev)
+
+
+def test_a_payload_that_fits_is_the_one_the_contract_describes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sizes: list[int] = []
+    measure = push._json_size
+
+    def counted(value: Any) -> int:
+        sizes.append(measure(value))
+        return sizes[-1]
+
+    monkeypatch.setattr(push, "_json_size", counted)
+    ev = event("mentioned", kind="group", html="<p>" + "x" * 300 + "</p>")
+    payload = apns_payload(ME, ev)
+    # Measured once, as a whole, and nothing more.
+    assert len(sizes) == 1
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    assert payload["aps"] == {
+        "alert": {
+            "title": "Ada, Bob, Cy",
+            "subtitle": "Ada mentioned you:",
+            "body": "x" * 200 + "…",
+        },
+        "sound": "default",
+        "badge": 0,
+    }
+    assert_zulip_keys_whole(payload, ev)
 
 
 # ------------------------------------------------------------------- html_to_text
