@@ -8,7 +8,7 @@ An event travels as JSON: the ingest API validates it with `parse_event`, publis
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import idna
 from pydantic import (
@@ -242,8 +242,18 @@ def parse_event(data: Any) -> MessageEvent | ReadEvent | MessageDeletedEvent:
     return EventAdapter.validate_python(data)
 
 
+# Said of each setting in `UserSettingsIn.KEPT_WHEN_OMITTED`.
+_KEPT_WHEN_OMITTED = "Omitted: the stored value is kept (true for a new user)."
+
+
 class UserSettingsIn(_Strict):
     """Body of `PUT /v1/users/{user_id}`."""
+
+    # Settings a user also changes through herald (an unsubscribe link turns email
+    # off): the chat server's PUT on a profile change need not carry them, and one that
+    # does not must not undo that change.
+    KEPT_WHEN_OMITTED: ClassVar[frozenset[str]] = frozenset(
+        {"enable_offline_email_notifications", "enable_offline_push_notifications"})
 
     email: str = Field(
         min_length=3, max_length=MAX_EMAIL_LENGTH,
@@ -255,8 +265,10 @@ class UserSettingsIn(_Strict):
     email_batching_period_seconds: Annotated[
         int, Field(gt=0, le=MAX_BATCHING_PERIOD_SECONDS, strict=True), BeforeValidator(_integral)
     ] = 120
-    enable_offline_email_notifications: bool = Field(True, strict=True)
-    enable_offline_push_notifications: bool = Field(True, strict=True)
+    enable_offline_email_notifications: bool = Field(True, strict=True,
+                                                     description=_KEPT_WHEN_OMITTED)
+    enable_offline_push_notifications: bool = Field(True, strict=True,
+                                                    description=_KEPT_WHEN_OMITTED)
     realm_name: str = Field("", max_length=200)
     realm_url: str = Field("", max_length=500)
     is_bot: bool = Field(False, strict=True)

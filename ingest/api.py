@@ -80,13 +80,30 @@ class HeraldAPI:
             data = UserSettingsIn.model_validate(_object(body))
         except ValidationError as exc:
             raise from_validation(exc) from None
+        try:
+            user, rearm = self._store_user(uid, data)
+        except pw.IntegrityError:
+            # Another request created the user between this one's read and its insert
+            # (PostgreSQL; SQLite's write lock orders them): this PUT is now an update.
+            user, rearm = self._store_user(uid, data)
+        if rearm:
+            # The worker holding this user's batch must re-read the deadline. Sent on
+            # every PUT while a batch is open, not only on a change: a PUT retried after
+            # this publish failed finds nothing to change, and must still re-arm.
+            self._command(EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REARM_USER, {"user_id": uid})
+        return user.as_dict()  # type: ignore[no-any-return]
+
+    def _store_user(self, uid: int, data: UserSettingsIn) -> tuple[User, bool]:
+        """Create or update the user; the stored user, and whether its open email batch
+        must be re-armed."""
         with write_transaction():
             user = User.get_or_none(User.id == uid)
             old_period = user.email_batching_period_seconds if user else None
-            fields = data.model_dump()
             if user is None:
-                user = User.create(id=uid, **fields)
+                user = User.create(id=uid, **data.model_dump())
             else:
+                fields = data.model_dump(
+                    exclude=set(UserSettingsIn.KEPT_WHEN_OMITTED - data.model_fields_set))
                 User.update(updated_at=time.time(), **fields).where(User.id == uid).execute()
                 user = User.get_by_id(uid)
             shift = 0 if old_period is None else data.email_batching_period_seconds - old_period
@@ -95,13 +112,7 @@ class HeraldAPI:
                 Row.update(scheduled_timestamp=Row.scheduled_timestamp + shift).where(
                     (Row.user_id == uid) & Row.claimed_by.is_null()
                 ).execute()
-            rearm = bool(shift) or Row.select().where(Row.user_id == uid).exists()
-        if rearm:
-            # The worker holding this user's batch must re-read the deadline. Sent on
-            # every PUT while a batch is open, not only on a change: a PUT retried after
-            # this publish failed finds nothing to change, and must still re-arm.
-            self._command(EMAIL_QUEUE, EMAIL_ACTOR, COMMAND_REARM_USER, {"user_id": uid})
-        return user.as_dict()  # type: ignore[no-any-return]
+            return user, bool(shift) or Row.select().where(Row.user_id == uid).exists()
 
     def get_user(self, user_id: Any) -> dict[str, Any]:
         return self._user(user_id).as_dict()  # type: ignore[no-any-return]
@@ -268,7 +279,11 @@ class HeraldAPI:
         ttl = self.settings.IDEMPOTENCY_TTL_SECONDS
         existing = IdempotencyKey.get_or_none(IdempotencyKey.key == scoped)
         if existing is not None and existing.created_at < now - ttl:
-            existing.delete_instance()
+            # Only while still expired: another retry may have replaced it since the
+            # read with a key of its own, in progress, which must stay and answer 409.
+            IdempotencyKey.delete().where(
+                (IdempotencyKey.key == scoped) & (IdempotencyKey.created_at < now - ttl)
+            ).execute()
             existing = None
         if existing is not None:
             if not _take_over(existing, digest, now):

@@ -8,21 +8,25 @@ import hashlib
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 from starlette.testclient import TestClient
 
 from tests.conftest import message_event
 from tests.harness import (
+    PG_ADMIN_URL,
     InProcessHerald,
     as_outage_role,
     backend_env,
     database_outage,
     end_outage,
     rabbit_queue_depth,
+    wait_until,
 )
 
 USER = 7
@@ -396,6 +400,76 @@ def test_an_idempotency_key_left_in_progress_is_taken_over_once_abandoned(
     again = post()
     assert again.status_code == 202 and again.json() == {"accepted": 1}
     assert _queued(idle_herald) == after
+
+
+@pytest.mark.parametrize("backend", ["production"])
+def test_an_expired_key_renewed_by_another_retry_is_not_deleted(env: dict[str, str]) -> None:
+    """Two retries find the same expired key: the one that renews it first runs, the
+    other must see the renewed key (409), not delete it and run too.
+
+    The interleaving is forced on PostgreSQL: this test's session locks the table
+    against writes, so the retry under test reads the expired row and then waits at
+    its delete; meanwhile the session does what the other retry does (the expired
+    row replaced by one in progress) and lets it go on.
+    """
+    import models
+    from ingest.api import IN_PROGRESS, scoped_key
+
+    h = InProcessHerald(env, start_worker=False)
+    try:
+        h.put_user(USER)
+        raw = json.dumps(message_event(USER)).encode()
+        key = "expired-then-renewed"
+        scoped = scoped_key("test-key", key)
+        digest = hashlib.sha256(raw).hexdigest()
+        now = time.time()
+        row = models.IdempotencyKey
+        h.db(lambda: row.create(key=scoped, request_hash=digest, status=202,
+                                body='{"accepted": 1}',
+                                created_at=now - h.settings.IDEMPOTENCY_TTL_SECONDS - 1))
+        before = _queued(h)
+        schema = env["DATABASE_URL"].rpartition("?schema=")[2]
+        table = f"{schema}.idempotency_key"
+
+        other = psycopg2.connect(PG_ADMIN_URL)
+        answers: list[Any] = []
+        try:
+            cursor = other.cursor()
+            cursor.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+            retry = threading.Thread(target=lambda: answers.append(h.client.post(
+                "/v1/events", content=raw, headers={"Content-Type": "application/json",
+                                                    "Idempotency-Key": key})))
+            retry.start()
+            wait_until(lambda: _waiting_on(table), what="the retry to wait at its delete")
+            cursor.execute(f"DELETE FROM {table} WHERE key = %s", [scoped])
+            cursor.execute(f"INSERT INTO {table} (key, request_hash, status, body, created_at)"
+                           " VALUES (%s, %s, %s, '', %s)", [scoped, digest, IN_PROGRESS, now])
+            other.commit()
+            retry.join(30)
+            assert not retry.is_alive()
+        finally:
+            other.close()
+
+        [answer] = answers
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["field"] == "Idempotency-Key"
+        assert _queued(h) == before
+        renewed = h.db(lambda: row.get_by_id(scoped))
+        assert (renewed.status, renewed.created_at) == (IN_PROGRESS, now)
+    finally:
+        h.stop()
+
+
+def _waiting_on(table: str) -> bool:
+    """Whether a session waits for a lock on `table`."""
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE relation = %s::regclass "
+                       "AND NOT granted", [table])
+        return bool(cursor.fetchone()[0])
+    finally:
+        conn.close()
 
 
 # Health -----------------------------------------------------------------------------------
