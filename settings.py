@@ -8,9 +8,10 @@ that line and exits with status 2.
 from __future__ import annotations
 
 import os
+from email.utils import formataddr, parseaddr
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -156,6 +157,15 @@ class Settings(BaseSettings):
         if value.startswith("sqlite:///"):
             if not value[len("sqlite:///"):].split("?")[0]:
                 raise ValueError("sqlite:/// needs a file path (sqlite:///herald.db)")
+            # The path as models.make_database opens it. SQLite creates the file but
+            # not its directory, and would fail only at the first connection, as if the
+            # database were down for a while rather than misconfigured.
+            path = unquote(value[len("sqlite:///"):])
+            if path != ":memory:":
+                directory = Path(path).parent
+                if not directory.is_dir():
+                    state = "is not a directory" if directory.exists() else "does not exist"
+                    raise ValueError(f"directory {directory} {state} (for {path})")
         else:
             from models import postgres_parameters
 
@@ -168,6 +178,33 @@ class Settings(BaseSettings):
         if value and not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must be amqp://… (RabbitMQ)")
         return value or None
+
+    @field_validator("HERALD_API_KEYS")
+    @classmethod
+    def _api_keys(cls, value: str | None) -> str | None:
+        # A header value reaches the API as Latin-1, so a key with any other character
+        # could never match; control characters cannot be sent in a header at all.
+        # The message never shows a key.
+        for position, key in enumerate((value or "").split(","), start=1):
+            key = key.strip()  # as `api_keys` reads them: a trailing newline is fine
+            if not (key.isascii() and key.isprintable()):
+                raise ValueError(f"key {position} has a character other than printable "
+                                 "ASCII, which no Authorization header can carry")
+        return value
+
+    @field_validator("EMAIL_FROM")
+    @classmethod
+    def _email_from(cls, value: str) -> str:
+        # As rendering/email.py writes the From header: the display name may be
+        # non-ASCII (encoded per RFC 2047), but an address cannot be encoded, and every
+        # email would fail to render.
+        name, address = parseaddr(value)
+        try:
+            formataddr((name, address))
+        except UnicodeEncodeError:
+            raise ValueError("the address must be ASCII (a display name need not be, as "
+                             "in Hérald <noreply@example.com>)") from None
+        return value
 
     @field_validator("SMTP_URL")
     @classmethod

@@ -46,6 +46,9 @@ SETTLE_AFTER_STOP_SECONDS = 10.0
 API_BACKLOG = 2048
 # Random bytes in the API key `all` generates without HERALD_API_KEYS (32 characters).
 EMBEDDED_KEY_BYTES = 24
+# The largest id (and `list --limit`) the dead-letter commands take: SQLite's largest
+# integer, past which it cannot even be asked (PostgreSQL compares it as a bigint).
+MAX_ID = 2**63 - 1
 
 logger = logging.getLogger("herald")
 
@@ -82,13 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("dead-letters", help="list, show or replay dead letters")
     dl_sub = dl.add_subparsers(dest="action", required=True)
     ls = dl_sub.add_parser("list", help="the newest dead letters")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_positive_integer, default=50,
+                    help="how many to list (default 50)")
     ls.add_argument("--all", action="store_true", help="include replayed ones")
     show = dl_sub.add_parser("show", help="one dead letter with its payload")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_positive_integer)
     replay = dl_sub.add_parser(
         "replay", help="send dead letters' work again: by id, or --all that the filters select")
-    replay.add_argument("ids", type=int, nargs="*", metavar="ID")
+    replay.add_argument("ids", type=_positive_integer, nargs="*", metavar="ID")
     replay.add_argument("--all", action="store_true",
                         help="every dead letter not yet replayed, of a replayable kind, "
                              "oldest first")
@@ -99,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true",
                         help="list what would be replayed, and change nothing")
     return parser
+
+
+def _positive_integer(text: str) -> int:
+    """A dead letter id or a count, as a usage error when no letter could have it:
+    asked about an integer past 64 bits, SQLite raises OverflowError."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_ID}, not {text}")
+    return value
 
 
 class Process:
@@ -340,8 +356,7 @@ def _print_dead_letter(row: Any) -> None:
 
 
 def _replay(settings: Any, args: argparse.Namespace) -> int:
-    from intake import dead_letters
-    from intake.replay import Replayer, Selection, replayable
+    from intake.replay import Replayer, ReplayRefused, Selection
 
     filters = args.kind or args.queue or args.reason
     if bool(args.ids) == bool(args.all) or (filters and not args.all):
@@ -349,14 +364,20 @@ def _replay(settings: Any, args: argparse.Namespace) -> int:
               "--reason to narrow it)", file=sys.stderr)
         return EXIT_USAGE
     ids = Selection(args.kind, args.queue, args.reason).ids() if args.all else args.ids
+    replayer = Replayer(settings)
     if args.dry_run:
-        rows = [dead_letters.get_dead_letter(letter_id) for letter_id in ids]
-        chosen = [row for row in rows if replayable(row)]
+        # The replay's own checks, so the count is what the replay would send and the
+        # refusals are the ones it would print.
+        chosen = []
+        for letter_id in ids:
+            try:
+                chosen.append(replayer.check(letter_id))
+            except ReplayRefused as exc:
+                print(f"herald: {exc}", file=sys.stderr)
         for row in chosen:
             _print_dead_letter(row)
         print(f"would replay {len(chosen)} dead letter(s)")
         return 0
-    replayer = Replayer(settings)
     try:
         done, problems = replayer.replay_all(ids)
     finally:

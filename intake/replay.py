@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 
 from intake import dead_letters
+from intake.queues import all_queues
 from models import DeadLetter, db
 from settings import Settings
 
@@ -57,11 +58,6 @@ class Selection:
         return [row.id for row in query.order_by(DeadLetter.id)]
 
 
-def replayable(row: DeadLetter | None) -> bool:
-    """Whether `replay` would send this letter's work (given a broker for its kind)."""
-    return row is not None and row.kind in REPLAYABLE_KINDS and row.replayed_at is None
-
-
 class Replayer:
     """Replays dead letters, oldest first, through one broker connection.
 
@@ -77,15 +73,40 @@ class Replayer:
         self.settings = settings
         self._broker: dramatiq.Broker | None = None
 
-    def replay(self, letter_id: int) -> DeadLetter:
-        """Send letter `letter_id`'s work again and mark it replayed; raises
-        `ReplayRefused` (and changes nothing) when that cannot be done."""
+    def check(self, letter_id: int) -> DeadLetter:
+        """Letter `letter_id`, when `replay` would send its work; else raises
+        `ReplayRefused` saying why. Changes nothing and connects to no broker, so a dry
+        run answers as the replay itself would."""
         row = dead_letters.get_dead_letter(letter_id)
         if row is None:
             raise ReplayRefused(f"no dead letter {letter_id}")
         if row.kind not in REPLAYABLE_KINDS:
             raise ReplayRefused(f"dead letter {row.id} is of kind {row.kind}, which cannot be "
                                 "replayed (the provider refused it permanently)")
+        if row.replayed_at is not None:
+            raise ReplayRefused(f"dead letter {row.id} was already replayed")
+        if row.kind == dead_letters.KIND_EMAIL_BATCH:
+            return row
+        payload = json.loads(row.payload)
+        if not self.settings.BROKER_URL:
+            raise ReplayRefused(
+                f"dead letter {row.id}: replaying a queue message needs BROKER_URL (the "
+                "in-process broker lives in the running herald)" + _resubmit_advice(payload))
+        shards = self.settings.PUSH_SHARDS
+        queues = all_queues(shards)
+        if payload["queue"] not in queues:
+            # The broker would create the queue and take the message, but no worker
+            # consumes it: the work would be marked replayed and never done.
+            raise ReplayRefused(
+                f"dead letter {row.id} is for queue {payload['queue']}, which no worker "
+                f"consumes with PUSH_SHARDS={shards} (queues {', '.join(queues)}): left "
+                "unreplayed" + _resubmit_advice(payload))
+        return row
+
+    def replay(self, letter_id: int) -> DeadLetter:
+        """Send letter `letter_id`'s work again and mark it replayed; raises
+        `ReplayRefused` (and changes nothing) when that cannot be done."""
+        row = self.check(letter_id)
         payload = json.loads(row.payload)
         if row.kind == dead_letters.KIND_EMAIL_BATCH and not self.settings.BROKER_URL:
             # Embedded default: the rows go back in the same transaction as the claim;
@@ -96,11 +117,6 @@ class Replayer:
                 self._claim(row)
                 restore_rows(payload["user_id"], payload["rows"], time.time())
             return row
-        if not self.settings.BROKER_URL:
-            raise ReplayRefused(
-                f"dead letter {row.id}: replaying a queue message needs BROKER_URL (the "
-                "in-process broker lives in the running herald); POST its event to "
-                "/v1/events instead:\n" + json.dumps(payload.get("args", [None])[0]))
         self._claim(row)
         try:
             self._send(row.kind, payload)
@@ -166,3 +182,16 @@ class Replayer:
     @staticmethod
     def _unclaim(row: DeadLetter) -> None:
         DeadLetter.update(replayed_at=None).where(DeadLetter.id == row.id).execute()
+
+
+def _resubmit_advice(payload: dict[str, Any]) -> str:
+    """How to send a queue message's events again through the API, which routes them
+    to the queues this configuration has; nothing for an internal command, which the
+    API does not take."""
+    if payload.get("kwargs", {}).get("command"):
+        return ""
+    events = (payload.get("args") or [None])[0]
+    # A push message may carry several events, as a list: the API takes a list only
+    # inside {"events": [...]}.
+    body = {"events": events} if isinstance(events, list) else events
+    return "; POST its events to /v1/events instead:\n" + json.dumps(body, sort_keys=True)

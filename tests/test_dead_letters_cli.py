@@ -153,3 +153,109 @@ def test_a_replay_the_broker_cannot_take_leaves_the_letters_as_they_were(
         again = _cli(env, "replay", "--all")  # the broker is back
         assert again.returncode == 0, again.stderr
         assert _email_depth(env["BROKER_URL"]) == 2
+
+
+def _depth_if_declared(broker_url: str, queue: str) -> int | None:
+    try:
+        return rabbit_queue_depth(broker_url, queue)
+    except Exception:  # never declared
+        return None
+
+
+def test_a_letter_for_a_push_queue_no_worker_consumes_is_refused_and_kept(
+    tmp_path: Path,
+) -> None:
+    """PUSH_SHARDS was 2 when the letter was written, and is 1 now: nothing consumes
+    push.shard1, so sending the letter there would lose its events."""
+    with backend_env("production", tmp_path) as env:
+        event = message_event(7, channels=("push",))
+        letter = _store(env["DATABASE_URL"], kind="queue_message", queue="push.shard1",
+                        reason="gave up after 10 tries: timeout",
+                        payload={"queue": "push.shard1", "actor": "push_shard1",
+                                 "args": [event], "kwargs": {}}, attempts=10, user_id=7)
+
+        dry = _cli(env, "replay", "--all", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == ["would replay 0 dead letter(s)"]
+
+        refused = _cli(env, "replay", str(letter))
+        assert refused.returncode == 1
+        assert refused.stdout == ""
+        said, _, body = refused.stderr.partition("\n")
+        assert said.startswith(f"herald: dead letter {letter} is for queue push.shard1, ")
+        assert "PUSH_SHARDS=1" in said and "left unreplayed" in said
+        assert json.loads(body) == event  # to POST again, onto the shard it has now
+        assert refused.stderr == dry.stderr
+        assert _cli(env, "replay", "--all").stdout.splitlines() == [
+            "replayed 0 of 1 dead letter(s)"]
+        assert _depth_if_declared(env["BROKER_URL"], "push.shard1") is None
+        assert "(replayed)" not in _cli(env, "list", "--all").stdout
+
+        restored = _cli({**env, "PUSH_SHARDS": "2"}, "replay", str(letter))
+        assert restored.returncode == 0, restored.stderr
+        assert rabbit_queue_depth(env["BROKER_URL"], "push.shard1") == 1
+
+
+def test_ids_beyond_what_the_database_stores_are_a_usage_error(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"}
+    too_big = str(2**63)
+    for args in (("show", "99999999999999999999"), ("show", too_big), ("show", "0"),
+                 ("replay", too_big), ("replay", "1", "99999999999999999999"),
+                 ("replay", "--dry-run", too_big)):
+        done = _cli(env, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert "must be from 1 to 9223372036854775807" in done.stderr.splitlines()[-1]
+    largest = _cli(env, "show", str(2**63 - 1))
+    assert largest.returncode == 1
+    assert largest.stderr.splitlines()[-1] == f"herald: no dead letter {2**63 - 1}"
+
+
+def test_list_limit_must_be_at_least_one(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"}
+    _store(env["DATABASE_URL"], kind="email_batch", reason="550 mailbox unavailable",
+           payload={"user_id": 7, "rows": []}, attempts=1, user_id=7)
+    for limit in ("0", "-1", str(2**63)):
+        done = _cli(env, "list", "--limit", limit)
+        assert done.returncode == 2, (limit, done.stdout)
+        assert "no dead letters" not in done.stdout and "Traceback" not in done.stderr
+    one = _cli(env, "list", "--limit", "1")
+    assert one.returncode == 0 and "550 mailbox unavailable" in one.stdout
+
+
+def test_a_dry_run_on_the_embedded_default_refuses_what_the_replay_refuses(
+    tmp_path: Path,
+) -> None:
+    """A shared push message (two events, a JSON list) cannot be replayed without
+    RabbitMQ; the body printed in its place is one POST /v1/events takes."""
+    from tests.harness import InProcessHerald
+
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"}
+    events = [message_event(7, channels=("push",)), message_event(7, channels=("push",))]
+    letter = _store(env["DATABASE_URL"], kind="queue_message", queue="push.shard0",
+                    reason="gave up after 10 tries: timeout",
+                    payload={"queue": "push.shard0", "actor": "push_shard0",
+                             "args": [events], "kwargs": {}}, attempts=10, user_id=7)
+
+    dry = _cli(env, "replay", "--all", "--dry-run")
+    real = _cli(env, "replay", "--all")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == ["would replay 0 dead letter(s)"]
+    assert real.returncode == 1
+    assert real.stdout.splitlines() == ["replayed 0 of 1 dead letter(s)"]
+    assert dry.stderr == real.stderr
+    said, _, body = real.stderr.partition("\n")
+    assert said.startswith(f"herald: dead letter {letter}: replaying a queue message "
+                           "needs BROKER_URL")
+    assert json.loads(body) == {"events": events}
+
+    api = InProcessHerald({"DATABASE_URL": f"sqlite:///{tmp_path / 'api.db'}"},
+                          start_worker=False)
+    try:
+        api.put_user(7)
+        posted = api.client.post("/v1/events", content=body,
+                                 headers={"Content-Type": "application/json"})
+    finally:
+        api.stop()
+    assert posted.status_code == 202, posted.text
+    assert posted.json() == {"accepted": 2}
