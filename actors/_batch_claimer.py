@@ -14,12 +14,16 @@ Answers go back as messages (`Claimed`, `Settled`), so an actor never holds a po
 thread while it waits. When a batch is claimed for an actor that has stopped or
 crashed meanwhile, or told to one that stops before it takes it (`abandon`), the
 claimer hands the rows straight back (`release`), so they do not wait out the
-claim's lease. When a group fails, each of its actors gets
-`ClaimFailed`: if the database was out of reach, the actor hands its request back
-(`again`) after a backoff; otherwise it crashes, and its supervisor restarts it, which
-re-reads its state from the database. A settle whose actor has stopped meanwhile (a
-draining worker) is asked again by the claimer itself, and a claim whose emails never
-started (the worker stopped first) is handed back (`release`).
+claim's lease. When a group fails because the database was out of reach, each of its
+actors gets `ClaimFailed` and hands its request back (`again`) after a backoff. A
+group of claims that fails otherwise fails its actors, which crash, and their
+supervisor restarts them, which re-reads their state from the database. A group of
+settles that fails otherwise is settled again one by one, and a settle that fails on
+its own is settled without what the database refused (`_settle_alone_failed`): its
+emails are out, and an actor restarted over it would send them again. A settle whose
+actor has stopped meanwhile (a draining worker) is asked again by the claimer itself,
+and a claim whose emails never started (the worker stopped first) is handed back
+(`release`).
 
 Requests are grouped by `GroupThread`, as intake's are by `EmailRecorder`.
 """
@@ -267,16 +271,78 @@ class BatchClaimer(GroupThread[_Work]):
                 store.settle, [r.settlement for r in requests],
                 sorted({r.settlement.user_id for r in requests}), self._policy,
             )
-        except Exception as error:
+        except DATABASE_UNAVAILABLE:
             logger.exception("settling %d email claims failed", len(requests))
-            orphans = _fail(requests)
-            if isinstance(error, DATABASE_UNAVAILABLE):
-                # Their emails are out: the rows must not wait out the lease to go
-                # out again, and no actor is left to ask again for them.
-                return self._ask_again([o for o in orphans if isinstance(o, _Settle)])
-            return []
+            return self._unavailable(requests)
+        except Exception as error:
+            if len(requests) == 1:
+                return self._settle_alone_failed(requests[0], error)
+            # One settle's failure must not fail its neighbours, whose emails are out
+            # as well: settle them one by one.
+            logger.warning("settling %d email claims together failed; settling them one "
+                           "by one", len(requests), exc_info=True)
+            return [again for request in requests for again in self._settle([request])]
         for request in requests:
             _tell(request.reply_to, Settled(wakeups.get(request.settlement.user_id)))
+        return []
+
+    def _unavailable(self, requests: list[_Settle]) -> list[_Settle]:
+        """The database was out of reach (inside an `except`): each actor asks again
+        after a backoff, and the claimer for those whose actor is gone."""
+        orphans = _fail(requests)
+        # Their emails are out: the rows must not wait out the lease to go out again,
+        # and no actor is left to ask again for them.
+        return self._ask_again([o for o in orphans if isinstance(o, _Settle)])
+
+    def _settle_alone_failed(self, request: _Settle, error: Exception) -> list[_Settle]:
+        """A settle failed on its own while the database answered, so as it is it
+        would fail every time. Its actor must not crash over it: the rows would stay
+        claimed, go out again when the lease ends and fail to settle again, each
+        round spending the supervisors' restart budget.
+
+        What the database refuses is nearly always a failure's reason (an SMTP
+        server's text, with a NUL that PostgreSQL cannot store). So the settle is
+        recorded again with every reason made storable: the refused email becomes a
+        dead letter, as a conversation that cannot be rendered does. Failing that,
+        only its sent rows are deleted, so they never go out twice, and the others
+        wait out the lease to be tried again; failing that too, the whole claim does.
+        Either way the actor is answered as settled."""
+        settlement = request.settlement
+        user_id = settlement.user_id
+        logger.error("settling email claim %s of user %s failed (%s); settling it without "
+                     "what the database refused", settlement.claim_id, user_id,
+                     type(error).__name__, exc_info=error)
+        fallbacks: list[store.Settlement] = []
+        if any(_storable(unsent.reason) != unsent.reason for unsent in settlement.unsent):
+            fallbacks.append(dataclasses.replace(settlement, unsent=[
+                dataclasses.replace(unsent, reason=_storable(unsent.reason))
+                for unsent in settlement.unsent
+            ]))
+        only_sent = store.Settlement(settlement.claim_id, user_id, settlement.sent)
+        if settlement.unsent and settlement.sent:
+            fallbacks.append(only_sent)
+        for fallback in fallbacks:
+            try:
+                wakeups = in_thread_connection(store.settle, [fallback], [user_id],
+                                               self._policy)
+            except DATABASE_UNAVAILABLE:
+                logger.exception("settling email claim %s of user %s failed",
+                                 settlement.claim_id, user_id)
+                return self._unavailable([request])
+            except Exception:
+                logger.exception("settling email claim %s of user %s failed again",
+                                 settlement.claim_id, user_id)
+                continue
+            if fallback is only_sent:
+                logger.error("email claim %s of user %s: its unsent rows stay claimed until "
+                             "the lease ends (%.0fs after the claim), then are tried again",
+                             settlement.claim_id, user_id, store.CLAIM_LEASE_SECONDS)
+            _tell(request.reply_to, Settled(wakeups.get(user_id)))
+            return []
+        logger.error("email claim %s of user %s could not be settled: its rows stay claimed "
+                     "until the lease ends (%.0fs after the claim), then go out again",
+                     settlement.claim_id, user_id, store.CLAIM_LEASE_SECONDS)
+        _tell(request.reply_to, Settled(None))
         return []
 
     def _release(self, claim_ids: list[str]) -> None:
@@ -341,6 +407,18 @@ def _tell(ref: pykka.ActorRef[Any] | None, message: Any) -> bool:
     except pykka.ActorDeadError:
         return False
     return True
+
+
+# Control characters (C0 and DEL), each read as a space: PostgreSQL's text cannot hold
+# a NUL, and the others garble the logs and listings a reason is shown in.
+_CONTROL_AS_SPACE = dict.fromkeys([*range(0x20), 0x7F], " ")
+
+
+def _storable(reason: str) -> str:
+    """`reason` as text any database stores: no control characters, and no lone
+    surrogate (which cannot be encoded), each replaced."""
+    text = " ".join(reason.translate(_CONTROL_AS_SPACE).split())
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _fail(requests: Sequence[Request]) -> list[Request]:

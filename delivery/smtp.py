@@ -14,7 +14,8 @@ How SMTP failures are classified:
   content, ...) is permanent: the same message will be refused again.
 
 Neither message content nor passwords are ever logged; errors carry the server's
-reply code and text.
+reply code and text, with control characters left out: the text ends up in logs and
+dead-letter reasons, and PostgreSQL cannot store a NUL.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ import time
 from datetime import UTC, datetime
 from email.message import Message as MimeMessage
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 from delivery.outcomes import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from settings import SmtpTarget
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +59,15 @@ class Mailer(Protocol):
         ...
 
 
+# C0 control characters and DEL, each read as a space: a server's reply is stored as
+# a dead letter's reason, which PostgreSQL refuses outright with a NUL in it, and
+# printed in logs and listings, which the others garble.
+_CONTROL_AS_SPACE = dict.fromkeys([*range(0x20), 0x7F], " ")
+
+
 def _reply_text(reply: bytes | str) -> str:
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    return " ".join(text.split())
+    return " ".join(text.translate(_CONTROL_AS_SPACE).split())
 
 
 def _by_code(code: int, reason: str) -> DeliveryError:
@@ -65,6 +75,21 @@ def _by_code(code: int, reason: str) -> DeliveryError:
     if 500 <= code < 600:
         return PermanentDeliveryError(reason)
     return TransientDeliveryError(reason)
+
+
+class _Smtp(smtplib.SMTP):
+    """An SMTP connection that notes when a message's DATA has begun: from then on
+    the server may have the message, whatever becomes of the connection."""
+
+    data_begun = False
+
+    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
+        self.data_begun = True
+        return super().data(msg)
+
+
+class _SmtpSsl(smtplib.SMTP_SSL, _Smtp):
+    """`_Smtp` over implicit TLS."""
 
 
 class _SetupError(Exception):
@@ -109,7 +134,7 @@ class SmtpMailer:
         self._username = unquote(target.username) if target.username else None
         self._password = unquote(target.password) if target.password else ""
         self._lock = threading.Lock()
-        self._conn: smtplib.SMTP | None = None
+        self._conn: _Smtp | None = None
         # Connections opened so far; lets callers and tests see reuse.
         self.connections_opened = 0
 
@@ -124,13 +149,13 @@ class SmtpMailer:
 
     # Connection management -------------------------------------------------------
 
-    def _open(self) -> smtplib.SMTP:
+    def _open(self) -> _Smtp:
         target = self._target
         where = f"{target.host}:{target.port}"
-        conn: smtplib.SMTP | None = None
+        conn: _Smtp | None = None
         try:
             if target.use_tls:
-                conn = smtplib.SMTP_SSL(
+                conn = _SmtpSsl(
                     target.host,
                     target.port,
                     local_hostname=self._local_hostname,
@@ -138,7 +163,7 @@ class SmtpMailer:
                     context=self._ssl_context,
                 )
             else:
-                conn = smtplib.SMTP(
+                conn = _Smtp(
                     target.host,
                     target.port,
                     local_hostname=self._local_hostname,
@@ -206,7 +231,10 @@ class SmtpMailer:
         with self._lock:
             # A reused connection may have been closed by the server while idle: that
             # shows up as a disconnect (or 421) on the first command, so try once more
-            # on a fresh connection. A fresh connection gets no second chance.
+            # on a fresh connection. A fresh connection gets no second chance, and
+            # neither does a message whose DATA had begun: a read timeout waiting for
+            # the answer to its final "." is a disconnect too, and the server may have
+            # queued the message already.
             for attempt in itertools.count():
                 reused = self._conn is not None
                 try:
@@ -214,10 +242,16 @@ class SmtpMailer:
                 except _SetupError as exc:
                     raise TransientDeliveryError(exc.reason) from None
                 self._conn = conn
+                conn.data_begun = False
                 try:
                     refused = conn.send_message(message)
                 except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
                     self._drop()
+                    if conn.data_begun:
+                        raise TransientDeliveryError(
+                            f"SMTP server disconnected during DATA, and may have accepted "
+                            f"the message: {exc}"
+                        ) from None
                     if reused and attempt == 0:
                         logger.debug("SMTP connection was closed by the server; reconnecting")
                         continue

@@ -173,6 +173,72 @@ def test_a_settle_asked_again_counts_and_logs_its_dead_letter_once(
     assert _letters_logged(caplog) == [f"dead letter {parts.db(lambda: DeadLetter.get().id)}"]
 
 
+@pytest.mark.parametrize("backend", ["production"])
+def test_a_settle_the_database_refuses_fails_neither_its_group_nor_its_actor(
+    parts: InProcessHerald, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refusal's reason holding a NUL, which PostgreSQL cannot store, fails the
+    settles grouped with it: they are settled one by one, and that one is settled
+    with the reason made storable, so no actor is told its settle failed (and
+    crashes, leaving its sent rows to go out again when the lease ends)."""
+    users = [1, 2, 3]
+    _record(parts, users, due=time.time() - 1)
+    batches, _ = parts.db(lambda: store.claim_batches(users, (), "group-1"))
+    received: queue.Queue[Any] = queue.Queue()
+    inbox = Inbox.start(received)
+    claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
+    try:
+        claimer.settle(store.Settlement(batches[1].claim_id, 1, None), inbox)
+        claimer.settle(store.Settlement(batches[2].claim_id, 2, [OWN + 2], [
+            store.Unsent([SHARED], "SMTP 550 on DATA: rejected\x00content", transient=False),
+        ]), inbox)
+        claimer.settle(store.Settlement(batches[3].claim_id, 3, None), inbox)
+        claimer.start()  # the three settles make one group
+        answers = [received.get(timeout=10) for _ in users]
+        assert all(isinstance(a, Settled) for a in answers), answers
+        assert "settling 3 email claims together failed" in caplog.text
+        assert parts.db(lambda: Row.select().count()) == 0
+        [letter] = parts.db(lambda: list(DeadLetter.select()))
+        assert (letter.kind, letter.user_id) == ("email_batch", 2)
+        assert letter.reason == "SMTP 550 on DATA: rejected content"
+        assert str(SHARED) in letter.payload and str(OWN + 2) not in letter.payload
+    finally:
+        claimer.stop()
+        inbox.stop()
+
+
+def test_a_settle_that_cannot_record_its_failures_still_deletes_its_sent_rows(
+    parts: InProcessHerald, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails in a settle, its actor is answered, and the rows whose email
+    went out are deleted: the others wait out the lease, to be tried again."""
+    from intake import dead_letters
+
+    def refuse(**kwargs: Any) -> int:
+        raise ValueError("cannot store this letter")
+
+    monkeypatch.setattr(dead_letters, "record", refuse)
+    _record(parts, [4], due=time.time() - 1)
+    batches, _ = parts.db(lambda: store.claim_batches([4], (), "group-1"))
+    received: queue.Queue[Any] = queue.Queue()
+    inbox = Inbox.start(received)
+    claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
+    claimer.start()
+    try:
+        claimer.settle(store.Settlement(batches[4].claim_id, 4, [OWN + 4], [
+            store.Unsent([SHARED], "SMTP 550 on DATA: rejected", transient=False),
+        ]), inbox)
+        answer = received.get(timeout=10)
+        assert isinstance(answer, Settled)
+        left = parts.db(lambda: [(r.message_id, r.claimed_by, r.claimed_until)
+                                 for r in Row.select()])
+        assert [(m, c) for m, c, _ in left] == [(SHARED, batches[4].claim_id)]
+        assert answer.wakeup == pytest.approx(left[0][2])  # when the lease ends
+    finally:
+        claimer.stop()
+        inbox.stop()
+
+
 def _letters_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage().split(":")[0] for r in caplog.records
             if r.name == "herald.dead_letters"]

@@ -365,6 +365,24 @@ def test_one_email_per_conversation_with_sanitised_html(
         assert bad not in lowered, f"{bad!r} survived sanitising"
 
 
+def test_stream_names_differing_in_case_make_one_email_without_a_stream_id(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox
+) -> None:
+    # Without an id, the name tells streams apart, compared as the subject line is.
+    h = start()
+    h.put_user(7, email_batching_period_seconds=1)
+    upper, lower = event(7, stream="Design"), event(7, stream="design")
+    for e in (upper, lower):
+        del e["message"]["stream_id"]
+    post(h, upper, lower)
+    [got] = smtp.wait_for(1, timeout=10)
+    time.sleep(QUIET_SECONDS)
+    assert len(smtp.emails()) == 1, "one conversation, one email"
+    assert got.subject == "#Design > logo"
+    assert got.message_ids == sorted([mid(upper), mid(lower)])
+    assert pending(h, 7) == {}
+
+
 # 5. A message during a flush ----------------------------------------------------------
 
 
@@ -463,6 +481,37 @@ def actor_restarts(h: InProcessHerald) -> float:
     found = re.search(r'^herald_actor_restarts_total\{actor="UserBatchActor"\} (\S+)$',
                       response.text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+def test_a_refusal_whose_reply_holds_a_nul_is_dead_lettered_once(
+    start: Callable[..., InProcessHerald], smtp: SmtpInbox, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL cannot store a NUL: kept in the dead letter's reason, it would fail
+    the settle, and the rows, left claimed, would go out again each time the lease
+    ended, never dead-lettered."""
+    from actors import _batch_store
+
+    lease = 2.0
+    monkeypatch.setattr(_batch_store, "CLAIM_LEASE_SECONDS", lease)  # 300 s in production
+    h = start()
+    restarts_before = actor_restarts(h)
+    for uid in (7, 8):
+        h.put_user(uid, email_batching_period_seconds=1)
+    smtp.always[addr(7)] = "550 5.7.1 rejected\x00content"
+    refused, fine = event(7), event(8)
+    post(h, refused, fine)
+
+    [to_8] = smtp.wait_for(1, to=addr(8), timeout=15)
+    assert to_8.message_ids == [mid(fine)]
+    wait_until(lambda: dead_letters(h), timeout=15, what="a dead letter")
+    time.sleep(2 * lease + QUIET_SECONDS)  # long enough for a claim left behind to lapse
+    [letter] = dead_letters(h)
+    assert (letter.kind, letter.user_id) == ("email_batch", 7)
+    assert letter.reason == "SMTP 550 on DATA: 5.7.1 rejected content"
+    assert str(mid(refused)) in letter.payload
+    assert smtp.attempts == {addr(7): 1, addr(8): 1}
+    assert pending(h, 7) == {} and pending(h, 8) == {}
+    assert actor_restarts(h) == restarts_before
 
 
 def test_a_conversation_that_cannot_be_rendered_is_dead_lettered_and_the_rest_goes_out(

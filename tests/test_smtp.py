@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email
 import ipaddress
@@ -72,6 +73,10 @@ class Recorder:
     servers: list[SMTP] = field(default_factory=list)
     data_reply: str | None = None
     auth_mechanisms: list[str] = field(default_factory=list)
+    # Seconds between the end of a message's data and the answer to it.
+    data_delay: float = 0.0
+    # DATA commands whose message data arrived, answered or not.
+    data_commands: int = 0
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -82,6 +87,9 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_commands += 1
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_reply:
             return self.data_reply
         login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
@@ -337,6 +345,18 @@ def test_554_on_data_is_permanent(start_server: Any) -> None:
         mailer.send(make_message())
 
 
+def test_control_characters_in_a_reply_are_left_out_of_the_reason(start_server: Any) -> None:
+    # The reason becomes a dead letter's: PostgreSQL refuses text holding a NUL.
+    server = start_server()
+    server.recorder.data_reply = "554 5.7.1 rejected\x00content\x07\x1b[31m here\x7f"
+    with (
+        mailer_for(f"smtp://{HOST}:{server.port}") as mailer,
+        pytest.raises(PermanentDeliveryError) as info,
+    ):
+        mailer.send(make_message())
+    assert info.value.reason == "SMTP 554 on DATA: 5.7.1 rejected content [31m here"
+
+
 def test_550_on_rcpt_is_permanent(start_server: Any) -> None:
     server = start_server()
     with mailer_for(f"smtp://{HOST}:{server.port}") as mailer:
@@ -394,6 +414,22 @@ def test_reconnects_after_the_server_dropped_the_connection(start_server: Any) -
         assert mailer.connections_opened == 2
     first, second = server.recorder.received
     assert first.peer != second.peer
+
+
+def test_a_reused_connection_timing_out_after_the_data_does_not_send_it_again(
+    start_server: Any,
+) -> None:
+    # The server answers the final "." after the client has stopped waiting: smtplib
+    # reports that as a disconnect, like a connection closed while idle, but the
+    # server may have queued the message, and sending it again at once doubles it.
+    server = start_server()
+    with mailer_for(f"smtp://{HOST}:{server.port}", timeout=0.5) as mailer:
+        mailer.send(make_message())  # opens the connection the next send reuses
+        server.recorder.data_delay = 1.5
+        with pytest.raises(TransientDeliveryError, match="may have accepted"):
+            mailer.send(make_message())
+        time.sleep(1.0)  # a second copy, sent at once, would have arrived by now
+    assert server.recorder.data_commands == 2, "one DATA per send"
 
 
 def test_concurrent_sends_share_the_mailer(start_server: Any) -> None:
