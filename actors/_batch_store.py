@@ -391,6 +391,18 @@ def _settle_partly(settlement: Settlement, policy: RetryPolicy) -> None:
         Row.delete().where(Row.id.in_([r.id for r in rows])).execute()
 
 
+def renew_claim(claim_id: str, message_ids: Sequence[int], now: float | None = None) -> bool:
+    """Extend the claim's lease on these rows by `CLAIM_LEASE_SECONDS` from `now`; False
+    if none of them is the claim's any more (its lease ran out and another worker's
+    flush took them, or they were settled)."""
+    now = time.time() if now is None else now
+    with write_transaction():
+        renewed = Row.update(claimed_until=now + CLAIM_LEASE_SECONDS).where(
+            (Row.claimed_by == claim_id) & Row.message_id.in_(list(message_ids))
+        ).execute()
+    return bool(renewed)
+
+
 def release(claim_ids: Sequence[str]) -> None:
     """Hand claims' rows back, pending again (their flushes will not happen)."""
     sql.execute(

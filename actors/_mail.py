@@ -49,9 +49,19 @@ class SendOutcome:
     reason: str = ""
 
 
+# Reason given for an email not sent because its rows were no longer its batch's.
+REASON_TAKEN_OVER = "not sent: the claim's lease ran out and another flush took its rows"
+
+
 class Delivery(Protocol):
     """What the sender of some emails hears about them: `sent` or `not_sent`, once;
-    `still_sending` first when the stop stops waiting for them."""
+    `still_sending` first when the stop stops waiting for them. Asked `hold` before
+    each email."""
+
+    def hold(self, message_ids: list[int]) -> bool:
+        """Just before the email of these rows is sent (on the mail thread): whether
+        they are still this delivery's to send. An email may wait on a busy dispatcher
+        past its claim's lease, and another worker may then have sent them."""
 
     def sent(self, outcomes: list[SendOutcome]) -> None:
         """Every email was tried; `outcomes` in order (on the mail thread)."""
@@ -122,6 +132,10 @@ class MailDispatcher:
         outcomes: list[SendOutcome] = []
         for ids, message in emails:
             try:
+                if not delivery.hold(ids):
+                    logger.warning("email of %d row(s) %s", len(ids), REASON_TAKEN_OVER)
+                    outcomes.append(SendOutcome(ids, "transient", REASON_TAKEN_OVER))
+                    continue
                 self._mailer().send(message)
                 outcomes.append(SendOutcome(ids, "sent"))
             except TransientDeliveryError as exc:

@@ -42,7 +42,7 @@ from actors.runtime import PooledActor, TimerHandle, TimerWheel
 from actors.supervision import ChildFailed, RestartChild, SupervisedMixin, SupervisorMixin
 from metrics import EMAIL_SEND_LATENESS, EMAILS_SENT, PENDING_EMAIL_USERS
 from models import DATABASE_UNAVAILABLE, in_thread_connection
-from rendering.email import DigestItem, render_digest
+from rendering.email import DigestItem, conversation_key, render_digest
 from rendering.push import Recipient
 from rendering.unsubscribe import unsubscribe_url
 from settings import Settings
@@ -189,6 +189,8 @@ class _Delivery:
         self._unrendered = unrendered
         self._actor = actor
         self._claimer = claimer
+        # About when the rows were claimed: the delivery is made right after the claim.
+        self._claimed_at = time.monotonic()
         self._lock = threading.Lock()
         # Told to the actor and not taken by it yet.
         self._outcomes: list[SendOutcome] | None = None
@@ -209,6 +211,20 @@ class _Delivery:
                     self._outcomes = None
                     self._let_go = True
         self._settle(outcomes)
+
+    def hold(self, message_ids: list[int]) -> bool:
+        """Whether these rows are still this flush's to send (mail thread). An email
+        that waited on a busy dispatcher for half the claim's lease renews it first:
+        once the lease runs out, another worker may take the rows and send them."""
+        if time.monotonic() - self._claimed_at < store.CLAIM_LEASE_SECONDS / 2:
+            return True
+        try:
+            return in_thread_connection(store.renew_claim, self.claim_id, message_ids)
+        except DATABASE_UNAVAILABLE as exc:
+            # Nor can another worker take the rows while the database is away from it.
+            logger.warning("email for user %s: could not renew its claim (%s); sending",
+                           self.user_id, type(exc).__name__)
+            return True
 
     def not_sent(self) -> None:
         """The worker stopped before the first email went: hand the rows back for
@@ -735,17 +751,13 @@ def _backoff_seconds(settings: Settings, attempts: int) -> float:
 
 
 def _conversations(batch: store.Batch) -> list[tuple[list[int], list[DigestItem]]]:
-    """Split a batch by conversation, as `render_digest` will (one email each)."""
+    """Split a batch by conversation with `render_digest`'s own key: each group is
+    rendered on its own, so a key any finer (a stream name's case, say) would send one
+    conversation as several emails."""
     groups: dict[Any, tuple[list[int], list[DigestItem]]] = {}
     for row in sorted(batch.rows, key=lambda r: batch.messages[r.message_id].date_sent):
         m = batch.messages[row.message_id]
-        if m.recipient_type == "stream":
-            key: Any = ("stream", m.stream_id or m.stream, (m.topic or "").casefold())
-        elif m.pm_users:
-            key = ("group", frozenset(p.id for p in m.pm_users))
-        else:
-            key = ("dm", m.sender_id)
-        ids, items = groups.setdefault(key, ([], []))
+        ids, items = groups.setdefault(conversation_key(m), ([], []))
         ids.append(row.message_id)
         items.append(DigestItem(m, row.trigger, row.mentioned_user_group_name))
     return list(groups.values())
