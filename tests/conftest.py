@@ -75,6 +75,16 @@ def message_event(user_id: int, *, message_id: int | None = None, trigger: str =
 
 
 @pytest.fixture
+def idle_herald(env: dict[str, str]) -> Iterator[InProcessHerald]:
+    """herald's API and actor tree, with no worker consuming the queues."""
+    h = InProcessHerald(env, start_worker=False)
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
 def fcm_server() -> Iterator[FakeFcm]:
     """A fake FCM on loopback, answering at once unless told otherwise."""
     fake = FakeFcm()

@@ -11,7 +11,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pykka
@@ -51,15 +50,6 @@ class Inbox(pykka.ThreadingActor):
         self.received.put(message)
 
 
-@pytest.fixture
-def parts(env: dict[str, str]) -> Iterator[InProcessHerald]:
-    h = InProcessHerald(env, start_worker=False)
-    try:
-        yield h
-    finally:
-        h.stop()
-
-
 def _record(h: InProcessHerald, users: list[int], due: float) -> None:
     def setup() -> None:
         User.insert_many([{"id": u, "email": f"user{u}@example.com", "full_name": f"U{u}"}
@@ -81,14 +71,14 @@ def _group_sizes() -> tuple[float, float]:
 
 
 def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
-    parts: InProcessHerald,
+    idle_herald: InProcessHerald,
 ) -> None:
     users = [1, 2, 3, 4, 5]
-    _record(parts, users, due=time.time() - 1)
+    _record(idle_herald, users, due=time.time() - 1)
     # User 2 read the shared message, and user 3's own message was deleted, before
     # the flush: the group must drop those for them alone.
-    parts.db(lambda: store.drop_read(2, [SHARED]))
-    parts.db(lambda: store.drop_deleted([OWN + 3]))
+    idle_herald.db(lambda: store.drop_read(2, [SHARED]))
+    idle_herald.db(lambda: store.drop_deleted([OWN + 3]))
     received: queue.Queue[Any] = queue.Queue()
     inbox = Inbox.start(received)
     gone = Inbox.start(received)
@@ -115,7 +105,7 @@ def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
             return {(r.user_id, r.message_id): r.claimed_by for r in Row.select()}
 
         # User 5's claim is handed back right after the answers to the others go out.
-        claimed = wait_until(lambda: _if_handed_back(parts.db(claims)), timeout=10,
+        claimed = wait_until(lambda: _if_handed_back(idle_herald.db(claims)), timeout=10,
                              what="the stopped actor's claim to be handed back")
         # Rows read or deleted meanwhile are gone; the others carry their user's claim.
         assert (2, SHARED) not in claimed and (3, OWN + 3) not in claimed
@@ -127,7 +117,7 @@ def test_a_group_claims_each_users_own_batch_and_hands_back_a_stopped_actors(
         claimer.settle(store.Settlement(batches[4].claim_id, 4, [OWN + 4]), inbox)
         settled = [received.get(timeout=10) for _ in range(2)]
         assert all(isinstance(s, Settled) for s in settled)
-        left = parts.db(claims)
+        left = idle_herald.db(claims)
         assert not any(user == 1 for user, _ in left)
         assert (4, OWN + 4) not in left and left[(4, SHARED)] == batches[4].claim_id
         wakeups = sorted(s.wakeup is None for s in settled)
@@ -142,10 +132,10 @@ class _CommitLost(Exception):
 
 
 def test_a_settle_asked_again_counts_and_logs_its_dead_letter_once(
-    parts: InProcessHerald, caplog: pytest.LogCaptureFixture,
+    idle_herald: InProcessHerald, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _record(parts, [9], due=time.time() - 1)
-    batches, _ = parts.db(lambda: store.claim_batches([9], (), "group-1"))
+    _record(idle_herald, [9], due=time.time() - 1)
+    batches, _ = idle_herald.db(lambda: store.claim_batches([9], (), "group-1"))
     refused = store.Settlement(batches[9].claim_id, 9, [], [
         store.Unsent(sorted(batches[9].messages), "550 mailbox unavailable", transient=False),
     ])
@@ -162,28 +152,28 @@ def test_a_settle_asked_again_counts_and_logs_its_dead_letter_once(
     before = counted()
     with caplog.at_level(logging.WARNING, logger="herald.dead_letters"):
         with pytest.raises(_CommitLost):
-            parts.db(settle_then_fail)
+            idle_herald.db(settle_then_fail)
         # Rolled back: no letter stored, so none counted or logged.
-        assert parts.db(lambda: DeadLetter.select().count()) == 0
+        assert idle_herald.db(lambda: DeadLetter.select().count()) == 0
         assert counted() == before and not _letters_logged(caplog)
-        parts.db(lambda: store.settle([refused], [9], _POLICY))  # asked again
-    assert parts.db(lambda: DeadLetter.select().count()) == 1
-    assert parts.db(lambda: Row.select().where(Row.user_id == 9).count()) == 0
+        idle_herald.db(lambda: store.settle([refused], [9], _POLICY))  # asked again
+    assert idle_herald.db(lambda: DeadLetter.select().count()) == 1
+    assert idle_herald.db(lambda: Row.select().where(Row.user_id == 9).count()) == 0
     assert counted() == before + 1
-    assert _letters_logged(caplog) == [f"dead letter {parts.db(lambda: DeadLetter.get().id)}"]
+    assert _letters_logged(caplog) == [f"dead letter {idle_herald.db(lambda: DeadLetter.get().id)}"]
 
 
 @pytest.mark.parametrize("backend", ["production"])
 def test_a_settle_the_database_refuses_fails_neither_its_group_nor_its_actor(
-    parts: InProcessHerald, caplog: pytest.LogCaptureFixture,
+    idle_herald: InProcessHerald, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A refusal's reason holding a NUL, which PostgreSQL cannot store, fails the
     settles grouped with it: they are settled one by one, and that one is settled
     with the reason made storable, so no actor is told its settle failed (and
     crashes, leaving its sent rows to go out again when the lease ends)."""
     users = [1, 2, 3]
-    _record(parts, users, due=time.time() - 1)
-    batches, _ = parts.db(lambda: store.claim_batches(users, (), "group-1"))
+    _record(idle_herald, users, due=time.time() - 1)
+    batches, _ = idle_herald.db(lambda: store.claim_batches(users, (), "group-1"))
     received: queue.Queue[Any] = queue.Queue()
     inbox = Inbox.start(received)
     claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
@@ -197,8 +187,8 @@ def test_a_settle_the_database_refuses_fails_neither_its_group_nor_its_actor(
         answers = [received.get(timeout=10) for _ in users]
         assert all(isinstance(a, Settled) for a in answers), answers
         assert "settling 3 email claims together failed" in caplog.text
-        assert parts.db(lambda: Row.select().count()) == 0
-        [letter] = parts.db(lambda: list(DeadLetter.select()))
+        assert idle_herald.db(lambda: Row.select().count()) == 0
+        [letter] = idle_herald.db(lambda: list(DeadLetter.select()))
         assert (letter.kind, letter.user_id) == ("email_batch", 2)
         assert letter.reason == "SMTP 550 on DATA: rejected content"
         assert str(SHARED) in letter.payload and str(OWN + 2) not in letter.payload
@@ -208,7 +198,7 @@ def test_a_settle_the_database_refuses_fails_neither_its_group_nor_its_actor(
 
 
 def test_a_settle_that_cannot_record_its_failures_still_deletes_its_sent_rows(
-    parts: InProcessHerald, monkeypatch: pytest.MonkeyPatch,
+    idle_herald: InProcessHerald, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whatever fails in a settle, its actor is answered, and the rows whose email
     went out are deleted: the others wait out the lease, to be tried again."""
@@ -218,8 +208,8 @@ def test_a_settle_that_cannot_record_its_failures_still_deletes_its_sent_rows(
         raise ValueError("cannot store this letter")
 
     monkeypatch.setattr(dead_letters, "record", refuse)
-    _record(parts, [4], due=time.time() - 1)
-    batches, _ = parts.db(lambda: store.claim_batches([4], (), "group-1"))
+    _record(idle_herald, [4], due=time.time() - 1)
+    batches, _ = idle_herald.db(lambda: store.claim_batches([4], (), "group-1"))
     received: queue.Queue[Any] = queue.Queue()
     inbox = Inbox.start(received)
     claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
@@ -230,7 +220,7 @@ def test_a_settle_that_cannot_record_its_failures_still_deletes_its_sent_rows(
         ]), inbox)
         answer = received.get(timeout=10)
         assert isinstance(answer, Settled)
-        left = parts.db(lambda: [(r.message_id, r.claimed_by, r.claimed_until)
+        left = idle_herald.db(lambda: [(r.message_id, r.claimed_by, r.claimed_until)
                                  for r in Row.select()])
         assert [(m, c) for m, c, _ in left] == [(SHARED, batches[4].claim_id)]
         assert answer.wakeup == pytest.approx(left[0][2])  # when the lease ends
@@ -251,9 +241,9 @@ def _if_handed_back(claimed: dict[tuple[int, int], str | None]) -> Any:
     return None
 
 
-def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> None:
+def test_nothing_due_answers_with_the_next_wakeup(idle_herald: InProcessHerald) -> None:
     due = time.time() + 60
-    _record(parts, [1], due=due)
+    _record(idle_herald, [1], due=due)
     received: queue.Queue[Any] = queue.Queue()
     inbox = Inbox.start(received)
     claimer = BatchClaimer("test-worker", _POLICY, _no_schedule)
@@ -274,7 +264,7 @@ def test_nothing_due_answers_with_the_next_wakeup(parts: InProcessHerald) -> Non
 
 
 def test_a_worker_on_a_host_with_the_longest_name_linux_allows_still_claims(
-    parts: InProcessHerald,
+    idle_herald: InProcessHerald,
 ) -> None:
     # A worker's id starts with its host name: 64 characters on Linux at most.
     worker_id = f"{'h' * 64}:4194304:abcdef"
@@ -284,7 +274,7 @@ def test_a_worker_on_a_host_with_the_longest_name_linux_allows_still_claims(
     claimer.start()
     try:
         user = 200_000_000_000
-        _record(parts, [user], due=time.time() - 1)
+        _record(idle_herald, [user], due=time.time() - 1)
         claimer.claim(user, False, inbox)
         answer = received.get(timeout=10)
         assert isinstance(answer, Claimed) and answer.batch is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import message_event
@@ -27,23 +28,32 @@ def _kept(database: Path) -> list[tuple[str, str, float | None]]:
             "SELECT kind, reason, replayed_at FROM dead_letter ORDER BY id").fetchall()
 
 
+def _embedded_env(tmp_path: Path, fcm_server: FakeFcm, **extra: str) -> dict[str, str]:
+    """The embedded default on `tmp_path/herald.db`, pushing to the fake FCM."""
+    return {"DATABASE_URL": f"sqlite:///{tmp_path / 'herald.db'}",
+            "OUTBOX_DIR": str(tmp_path / "outbox"),
+            "FCM_CREDENTIALS": str(fcm_server.new_service_account(tmp_path)),
+            "FCM_ENDPOINT": fcm_server.url, **extra}
+
+
+def _user_with_a_phone(client: httpx.Client) -> None:
+    assert client.put(f"/v1/users/{USER}", json={
+        "email": "ada@example.com", "full_name": "Ada"}).status_code == 200
+    assert client.post(f"/v1/users/{USER}/devices",
+                       json={"kind": "fcm", "token": "phone"}).status_code == 201
+
+
 def test_a_graceful_stop_keeps_the_queued_events_for_the_next_start(
     tmp_path: Path, fcm_server: FakeFcm
 ) -> None:
     database = tmp_path / "herald.db"
-    env = {"DATABASE_URL": f"sqlite:///{database}", "OUTBOX_DIR": str(tmp_path / "outbox"),
-           "FCM_CREDENTIALS": str(fcm_server.new_service_account(tmp_path)),
-           "FCM_ENDPOINT": fcm_server.url,
-           # One event at a time: the others wait in the in-memory queue.
-           "WORKER_THREADS": "1"}
+    # One event at a time: the others wait in the in-memory queue.
+    env = _embedded_env(tmp_path, fcm_server, WORKER_THREADS="1")
     fcm_server.delay = HOLD_SECONDS
     first = HeraldProcess(env, "all", cwd=tmp_path).start()
     try:
         with first.client() as client:
-            assert client.put(f"/v1/users/{USER}", json={
-                "email": "ada@example.com", "full_name": "Ada"}).status_code == 200
-            assert client.post(f"/v1/users/{USER}/devices",
-                               json={"kind": "fcm", "token": "phone"}).status_code == 201
+            _user_with_a_phone(client)
             for message_id in MESSAGES:  # a queue message each
                 response = client.post("/v1/events", json=message_event(
                     USER, message_id=message_id, channels=("push",)))
@@ -108,18 +118,13 @@ def test_events_still_in_hand_when_the_drain_runs_out_are_kept_for_the_next_star
     and the drain short, so most are still in hand when it ends. The actors' stop fails
     them for a retry, which is kept and sent at the next start: each push once."""
     database = tmp_path / "herald.db"
-    env = {"DATABASE_URL": f"sqlite:///{database}", "OUTBOX_DIR": str(tmp_path / "outbox"),
-           "FCM_CREDENTIALS": str(fcm_server.new_service_account(tmp_path)),
-           "FCM_ENDPOINT": fcm_server.url, "DRAIN_SECONDS": "1"}
+    env = _embedded_env(tmp_path, fcm_server, DRAIN_SECONDS="1")
     fcm_server.delay = HOLD_SECONDS
     message_ids = list(range(21, 31))
     first = HeraldProcess(env, "all", cwd=tmp_path).start()
     try:
         with first.client() as client:
-            assert client.put(f"/v1/users/{USER}", json={
-                "email": "ada@example.com", "full_name": "Ada"}).status_code == 200
-            assert client.post(f"/v1/users/{USER}/devices",
-                               json={"kind": "fcm", "token": "phone"}).status_code == 201
+            _user_with_a_phone(client)
             response = client.post("/v1/events", json={"events": [
                 message_event(USER, message_id=m, channels=("push",)) for m in message_ids]})
             assert response.status_code == 202, response.text

@@ -4,7 +4,6 @@ creates of one user racing each other. Run on both backends unless a test says."
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,49 +17,40 @@ USER = 7
 SETTINGS = ("enable_offline_email_notifications", "enable_offline_push_notifications")
 
 
-@pytest.fixture
-def idle(env: dict[str, str]) -> Iterator[InProcessHerald]:
-    h = InProcessHerald(env, start_worker=False)
-    try:
-        yield h
-    finally:
-        h.stop()
-
-
-def test_an_unsubscribe_outlives_the_next_profile_update(idle: InProcessHerald) -> None:
+def test_an_unsubscribe_outlives_the_next_profile_update(idle_herald: InProcessHerald) -> None:
     # The chat server PUTs a user on every profile change (here, a new name), and such
     # a PUT does not carry the settings herald changes itself.
-    idle.put_user(USER)
-    token = make_unsubscribe_token(USER, idle.settings.secret_key)
-    response = idle.client.post(f"/v1/unsubscribe/{token}",
+    idle_herald.put_user(USER)
+    token = make_unsubscribe_token(USER, idle_herald.settings.secret_key)
+    response = idle_herald.client.post(f"/v1/unsubscribe/{token}",
                                 content=b"List-Unsubscribe=One-Click",
                                 headers={"Authorization": "",
                                          "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 200, response.text
 
-    renamed = idle.put_user(USER, full_name="Ada Lovelace")
+    renamed = idle_herald.put_user(USER, full_name="Ada Lovelace")
     assert renamed["full_name"] == "Ada Lovelace"
     assert renamed["enable_offline_email_notifications"] is False
-    assert idle.client.get(f"/v1/users/{USER}").json() == renamed
+    assert idle_herald.client.get(f"/v1/users/{USER}").json() == renamed
 
 
 def test_an_omitted_notification_setting_keeps_its_stored_value(
-    idle: InProcessHerald,
+    idle_herald: InProcessHerald,
 ) -> None:
-    new = idle.put_user(USER)
+    new = idle_herald.put_user(USER)
     assert [new[s] for s in SETTINGS] == [True, True]
 
-    idle.put_user(USER, **dict.fromkeys(SETTINGS, False))
-    kept = idle.put_user(USER, email_batching_period_seconds=300)
+    idle_herald.put_user(USER, **dict.fromkeys(SETTINGS, False))
+    kept = idle_herald.put_user(USER, email_batching_period_seconds=300)
     assert kept["email_batching_period_seconds"] == 300
     assert [kept[s] for s in SETTINGS] == [False, False]
 
     # An explicit value is applied, and only to its own setting.
-    push_on = idle.put_user(USER, enable_offline_push_notifications=True)
+    push_on = idle_herald.put_user(USER, enable_offline_push_notifications=True)
     assert [push_on[s] for s in SETTINGS] == [False, True]
-    email_on = idle.put_user(USER, enable_offline_email_notifications=True)
+    email_on = idle_herald.put_user(USER, enable_offline_email_notifications=True)
     assert [email_on[s] for s in SETTINGS] == [True, True]
-    assert idle.client.get(f"/v1/users/{USER}").json() == email_on
+    assert idle_herald.client.get(f"/v1/users/{USER}").json() == email_on
 
 
 def test_the_document_says_an_omitted_setting_is_kept() -> None:
