@@ -43,6 +43,12 @@ def _user_with_a_phone(client: httpx.Client) -> None:
                        json={"kind": "fcm", "token": "phone"}).status_code == 201
 
 
+def _stop_once_the_first_push_is_out(process: HeraldProcess, fcm_server: FakeFcm) -> None:
+    """SIGTERM while the slow provider holds the first push; the stop must succeed."""
+    wait_until(lambda: fcm_server.arrived, what="the first push to be out")
+    assert process.terminate() == 0
+
+
 def test_a_graceful_stop_keeps_the_queued_events_for_the_next_start(
     tmp_path: Path, fcm_server: FakeFcm
 ) -> None:
@@ -50,19 +56,14 @@ def test_a_graceful_stop_keeps_the_queued_events_for_the_next_start(
     # One event at a time: the others wait in the in-memory queue.
     env = _embedded_env(tmp_path, fcm_server, WORKER_THREADS="1")
     fcm_server.delay = HOLD_SECONDS
-    first = HeraldProcess(env, "all", cwd=tmp_path).start()
-    try:
+    with HeraldProcess(env, "all", cwd=tmp_path) as first:
         with first.client() as client:
             _user_with_a_phone(client)
             for message_id in MESSAGES:  # a queue message each
                 response = client.post("/v1/events", json=message_event(
                     USER, message_id=message_id, channels=("push",)))
                 assert response.status_code == 202, response.text
-        wait_until(lambda: fcm_server.arrived, what="the first push to be out")
-        assert first.terminate() == 0
-    finally:
-        if first.proc and first.proc.poll() is None:
-            first.proc.kill()
+        _stop_once_the_first_push_is_out(first, fcm_server)
     # The push that was out finished; the other three were kept, not dropped.
     assert len(fcm_server.sent()) == 1
     kept = _kept(database)
@@ -121,29 +122,20 @@ def test_events_still_in_hand_when_the_drain_runs_out_are_kept_for_the_next_star
     env = _embedded_env(tmp_path, fcm_server, DRAIN_SECONDS="1")
     fcm_server.delay = HOLD_SECONDS
     message_ids = list(range(21, 31))
-    first = HeraldProcess(env, "all", cwd=tmp_path).start()
-    try:
+    with HeraldProcess(env, "all", cwd=tmp_path) as first:
         with first.client() as client:
             _user_with_a_phone(client)
             response = client.post("/v1/events", json={"events": [
                 message_event(USER, message_id=m, channels=("push",)) for m in message_ids]})
             assert response.status_code == 202, response.text
-        wait_until(lambda: fcm_server.arrived, what="the first push to be out")
-        assert first.terminate() == 0
-    finally:
-        if first.proc and first.proc.poll() is None:
-            first.proc.kill()
+        _stop_once_the_first_push_is_out(first, fcm_server)
     # The first push was out: its answer came while the actors stopped, and was kept.
     assert [r.data["zulip_message_id"] for r in fcm_server.sent()] == ["21"]
     assert [kind for kind, _, _ in _kept(database)] == ["kept_at_stop"]
 
     fcm_server.delay = 0.0
-    second = HeraldProcess(env, "all", cwd=tmp_path).start()
-    try:
+    with HeraldProcess(env, "all", cwd=tmp_path) as second:
         wait_until(lambda: len(fcm_server.sent()) == len(message_ids), timeout=30,
                    what="the kept pushes to go out")
         assert second.terminate() == 0
-    finally:
-        if second.proc and second.proc.poll() is None:
-            second.proc.kill()
     assert sorted(int(r.data["zulip_message_id"]) for r in fcm_server.sent()) == message_ids
