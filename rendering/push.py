@@ -332,14 +332,28 @@ def _remove_data(recipient: Recipient, message_ids: list[int]) -> tuple[dict[str
 
 
 def apns_remove_payload(recipient: Recipient, message_ids: list[int]) -> dict[str, Any]:
-    """The APNs body that clears the pushes of `message_ids` (the newest 200 kept).
+    """The APNs body that clears the pushes of `message_ids` (the newest 200 kept, fewer
+    if that many would not fit in `APNS_MAX_PAYLOAD_BYTES`).
 
     Parameters:
       recipient: whose devices to clear.
       message_ids: the read or deleted messages; must not be empty.
     """
-    data, _ = _remove_data(recipient, message_ids)
-    return {"aps": {"badge": BADGE_COUNT}, "zulip": data}
+    data, kept = _remove_data(recipient, message_ids)
+    payload = {"aps": {"badge": BADGE_COUNT}, "zulip": data}
+    excess = _json_size(payload) - APNS_MAX_PAYLOAD_BYTES
+    while excess > 0 and len(kept) > 1:
+        # Over Apple's limit (long realm fields, long ids): the oldest ids go first,
+        # each taking its digits and a comma, until it fits; the newest stay cleared.
+        drop = 0
+        while excess > 0 and drop < len(kept) - 1:
+            excess -= len(str(kept[drop])) + 1
+            drop += 1
+        kept = kept[drop:]
+        data = {**data, "zulip_message_ids": ",".join(str(i) for i in kept)}
+        payload = {"aps": {"badge": BADGE_COUNT}, "zulip": data}
+        excess = _json_size(payload) - APNS_MAX_PAYLOAD_BYTES
+    return payload
 
 
 def fcm_remove_data(recipient: Recipient, message_ids: list[int]) -> dict[str, str]:

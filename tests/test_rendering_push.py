@@ -586,3 +586,22 @@ def test_truncate() -> None:
     assert truncate("a" * 200) == ("a" * 200, False)
     assert truncate("a" * 201) == ("a" * 200 + "…", True)
     assert truncate("abcdef", limit=3) == ("abc…", True)
+
+
+def test_a_remove_that_would_not_fit_clears_the_newest_ids_that_do() -> None:
+    wide = Recipient(user_id=7, email="grace@example.com", full_name="Grace",
+                     realm_name="🦄" * 200, realm_url="https://chat.acme.test/" + "x" * 470)
+    ids = [10**18 + i for i in range(300)]
+
+    payload = apns_remove_payload(wide, ids)
+
+    assert apns_bytes(payload) <= APNS_MAX_PAYLOAD_BYTES
+    kept = [int(i) for i in payload["zulip"]["zulip_message_ids"].split(",")]
+    assert kept == ids[-len(kept):], "the newest, in order"
+    assert 100 < len(kept) < MAX_REMOVE_IDS
+    # Nothing else is cut.
+    assert payload["zulip"]["realm_name"] == wide.realm_name
+    # With room for them, the 200 newest as before.
+    short = [10**9 + i for i in range(300)]
+    assert apns_remove_payload(ME, short)["zulip"]["zulip_message_ids"] == \
+        ",".join(str(i) for i in short[-MAX_REMOVE_IDS:])
