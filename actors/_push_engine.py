@@ -38,7 +38,7 @@ from delivery.outcomes import (
 )
 from events import MessageDeletedEvent, MessageEvent, ReadEvent
 from metrics import PUSH_LATENCY, PUSH_STAGE, PUSHES
-from models import DATABASE_UNAVAILABLE
+from models import DATABASE_UNAVAILABLE, in_call_connection
 from rendering.push import (
     Recipient,
     apns_payload,
@@ -122,7 +122,7 @@ class PushEngine:
         self.gone = threading.Event()
         self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"herald-push{shard}-db")
         self.order = UserOrder()
-        self._planner = GroupPlanner(store.plan_pushes, store.in_consumer_connection)
+        self._planner = GroupPlanner(store.plan_pushes, in_call_connection)
         self._inflight: set[asyncio.Task[None]] = set()
         # Set on the loop as the engine stops: work whose turn comes after that is failed
         # for a retry instead of being started (a stop waits only for sends under way).
@@ -204,7 +204,7 @@ class PushEngine:
                     # Marked here, before anything taken after it is planned: a push of
                     # these messages must find them deleted, not wait for the deletion's
                     # turn on the loop (it is in no user's line).
-                    store.in_consumer_connection(store.mark_deleted, work.event.message_ids)
+                    in_call_connection(store.mark_deleted, work.event.message_ids)
                 work.place = self.order.join(_line_key(work))
                 if work.place.first and isinstance(work.event, MessageEvent):
                     work.stages = _StageClock(work.created)

@@ -1,7 +1,7 @@
 """The push side's database work: what to send to whom, and recording what happened.
 
 Every function runs on a database thread of a push engine, inside `in_connection`, or
-(`plan_pushes`) on a consumer thread, inside `in_consumer_connection`.
+(`plan_pushes`, `mark_deleted`) on a consumer thread, inside `models.in_call_connection`.
 State makes delivery idempotent and order-proof: a receipt per (message, device)
 means a retry resends only to devices that have not accepted (or permanently refused)
 it yet; a message already read or deleted is never pushed, so a remove processed first
@@ -30,7 +30,6 @@ from models import (
     User,
     UserMessage,
     db,
-    in_call_connection,
     in_thread_connection,
     is_postgres,
 )
@@ -106,12 +105,6 @@ class RemovePlan:
 def in_connection(fn: Callable[..., T], *args: Any) -> T:
     # The engine's database threads are few and long-lived: each keeps its connection.
     return in_thread_connection(fn, *args)
-
-
-def in_consumer_connection(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` on a consumer thread: there are many (`WORKER_THREADS`), each planning
-    now and then (`models.in_call_connection`)."""
-    return in_call_connection(fn, *args)
 
 
 def recipient_of(user: User) -> Recipient:
@@ -354,12 +347,6 @@ def mark_deleted(message_ids: list[int]) -> None:
     """Mark messages deleted: no push is planned for them from now on."""
     with db.atomic():
         Message.mark_deleted(message_ids)
-
-
-def delete_messages(message_ids: list[int], shard: int, shards: int) -> list[int]:
-    """Mark messages deleted; return this shard's users who have a push out for them."""
-    mark_deleted(message_ids)
-    return pushes_out_for(message_ids, shard, shards)
 
 
 def pushes_out_for(message_ids: list[int], shard: int, shards: int) -> list[int]:
